@@ -1,9 +1,14 @@
 """Test setup: CPU only, persistent compilation cache (compiles dominate CPU tests)."""
 import os
+import sys
+from pathlib import Path
 
 # Must run before anything imports jax (see shared JAX_STACK pitfall 12).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Config files import `configs.*`: the repository root must be importable.
+sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import jax  # noqa: E402
 

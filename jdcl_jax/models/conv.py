@@ -1,11 +1,25 @@
 """2-D convolution with a backend-selected implementation.
 
 `conv2d` is the single entry point the UNet uses. `impl` chooses how it is
-computed: "xla" is `lax.conv_general_dilated`; "matmul" (CPU speed path) and
-"auto" (matmul on CPU, xla elsewhere) are provided by the speed work.
+computed:
+
+* "xla": `lax.conv_general_dilated` (forward and XLA's own gradients). This is
+  the accelerator path and is left exactly as it was.
+* "matmul": the CPU speed path. 1x1 stride-1 unpadded convs are a plain
+  channel matmul (all three products are GEMMs under autodiff). Every other conv
+  is a `jax.custom_vjp` whose weight gradient is kh*kw shifted-window
+  contractions of the padded input with the output cotangent, computed in
+  batch chunks so the shifted copies stay cache-sized. Forward and input
+  gradient stay on XLA's conv kernels because they measured as fast or faster
+  than im2col / shifted-matmul variants on CPU (benchmarks/conv_micro.py).
+* "auto": "matmul" when `jax.default_backend() == "cpu"`, else "xla"; resolved
+  at trace time.
+
+Padding is explicit and symmetric (PyTorch semantics).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -17,6 +31,26 @@ Array = jax.Array
 Initializer = Callable[..., Array]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+IMPLS = ("auto", "xla", "matmul")
+
+# Upper bound on the bytes of shifted input windows materialised at once by the
+# weight gradient. XLA:CPU gives each large temporary fresh (page-faulting)
+# memory, so one 9x-sized copy of a big activation runs at a fraction of memory
+# bandwidth; chunking the batch keeps each step's copies in cache (measured
+# 2-3x faster on 32x32 activations, 1-16 MiB alike there). Small activations
+# fit unchunked, where a scan would only add per-step overhead.
+_WINDOW_CHUNK_BYTES = 16 << 20
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps "auto" to the concrete implementation for the current backend."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul")
+  if impl == "auto":
+    # The CPU backend is the one whose conv gradients are worth replacing;
+    # accelerators keep XLA's (cuDNN/TPU) kernels.
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  return impl
 
 
 def _xla_conv(x: Array, w: Array, stride: int, padding: int) -> Array:
@@ -26,11 +60,131 @@ def _xla_conv(x: Array, w: Array, stride: int, padding: int) -> Array:
       dimension_numbers=_DIMENSION_NUMBERS)
 
 
+def _accum_dtype(dtype: Any) -> Any:
+  """f32 accumulation for low-precision inputs; f64 stays f64 under x64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _conv_out_size(size: int, k: int, stride: int, padding: int) -> int:
+  return (size + 2 * padding - k) // stride + 1
+
+
+def _windows(x: Array, k: int, stride: int, padding: int,
+             out_hw: tuple[int, int]) -> list[Array]:
+  """The kh*kw shifted (and strided) windows of the padded input, row-major.
+
+  Window (a, b) holds xpad[:, a + stride*i, b + stride*j, :] for every output
+  position (i, j), so conv(x, w) == sum_ab windows[a*k+b] @ w[a, b].
+  """
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho, wo = out_hw
+  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  return [xp[:, a:a + span_h:stride, b:b + span_w:stride, :]
+          for a in range(k) for b in range(k)]
+
+
+def _weight_grad_block(x: Array, g: Array, k: int, stride: int,
+                       padding: int) -> Array:
+  """dW for one batch block: one (C, O) contraction per kernel tap.
+
+  Each tap contracts all batch*output positions of its window with the
+  cotangent; a GEMM with a long reduction, which the CPU does far better than
+  XLA:CPU's generic conv-backprop-filter on some machines (JAX_STACK section 7).
+  """
+  acc = _accum_dtype(x.dtype)
+  taps = [jnp.einsum("nhwc,nhwo->co", win, g, preferred_element_type=acc)
+          for win in _windows(x, k, stride, padding, g.shape[1:3])]
+  return jnp.stack(taps).reshape(k, k, x.shape[-1], g.shape[-1])
+
+
+def _batch_block(batch: int, bytes_per_example: int) -> int:
+  """Largest divisor of `batch` whose windows fit the chunk budget (>= 1)."""
+  best = 1
+  for n in range(1, batch + 1):
+    if batch % n == 0 and n * bytes_per_example <= _WINDOW_CHUNK_BYTES:
+      best = n
+  return best
+
+
+def _weight_grad(x: Array, g: Array, k: int, stride: int,
+                 padding: int) -> Array:
+  """dW = sum over batch blocks of `_weight_grad_block`, via lax.scan."""
+  batch = x.shape[0]
+  per_example = k * k * g.shape[1] * g.shape[2] * x.shape[-1] * x.dtype.itemsize
+  block = _batch_block(batch, per_example)
+  if block == batch:
+    return _weight_grad_block(x, g, k, stride, padding)
+  xs = x.reshape(batch // block, block, *x.shape[1:])
+  gs = g.reshape(batch // block, block, *g.shape[1:])
+
+  def step(total: Array, xg: tuple[Array, Array]) -> tuple[Array, None]:
+    return total + _weight_grad_block(xg[0], xg[1], k, stride, padding), None
+
+  init = jnp.zeros((k, k, x.shape[-1], g.shape[-1]), _accum_dtype(x.dtype))
+  total, _ = lax.scan(step, init, (xs, gs))
+  return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_conv(x: Array, w: Array, stride: int, padding: int) -> Array:
+  """kxk (or strided / padded) conv with the shifted-window weight gradient."""
+  return _shifted_conv_fwd(x, w, stride, padding)[0]
+
+
+def _shifted_conv_fwd(x: Array, w: Array, stride: int,
+                      padding: int) -> tuple[Array, tuple[Array, Array]]:
+  # Forward stays on XLA's conv: on CPU it beat im2col (one big concat) and
+  # 9 shifted GEMMs (9 window copies + a 9-way add) on every measured shape.
+  y = lax.conv_general_dilated(
+      x, w, window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=_DIMENSION_NUMBERS,
+      preferred_element_type=_accum_dtype(x.dtype))
+  return y.astype(x.dtype), (x, w)
+
+
+def _shifted_conv_bwd(stride: int, padding: int, res: tuple[Array, Array],
+                      g: Array) -> tuple[Array, Array]:
+  x, w = res
+  # Input gradient: XLA's transposed conv measured as fast as the shifted
+  # (col2im) variant, so keep the kernel XLA already tunes. linear_transpose
+  # avoids re-running the forward, which jax.vjp would do outside jit.
+  transpose = jax.linear_transpose(
+      lambda xx: _xla_conv(xx, w, stride, padding),
+      jax.ShapeDtypeStruct(x.shape, x.dtype))
+  (dx,) = transpose(g.astype(x.dtype))
+  dw = _weight_grad(x, g.astype(x.dtype), w.shape[0], stride, padding)
+  return dx, dw.astype(w.dtype)
+
+
+_shifted_conv.defvjp(_shifted_conv_fwd, _shifted_conv_bwd)
+
+
+def _pointwise_conv(x: Array, w: Array) -> Array:
+  """1x1 stride-1 conv as a channel matmul; autodiff keeps dX and dW GEMMs."""
+  y = jnp.einsum("nhwc,co->nhwo", x, w[0, 0],
+                 preferred_element_type=_accum_dtype(x.dtype))
+  return y.astype(x.dtype)
+
+
+def _matmul_conv(x: Array, w: Array, stride: int, padding: int) -> Array:
+  kh, kw = w.shape[:2]
+  if kh != kw:
+    raise ValueError(f"square kernels only, got {kh}x{kw}")
+  if kh == 1 and stride == 1 and padding == 0:
+    return _pointwise_conv(x, w)
+  return _shifted_conv(x, w, stride, padding)
+
+
 def conv2d(x_NHWC: Array, w_HWIO: Array, *, stride: int = 1, padding: int = 0,
            impl: str = "xla") -> Array:
-  """Convolution with explicit symmetric padding (PyTorch semantics)."""
-  if impl not in ("xla", "auto", "matmul"):
-    raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul")
+  """Convolution with explicit symmetric padding (PyTorch semantics).
+
+  x is NHWC, w is HWIO; the output has x's dtype. "matmul" accumulates
+  low-precision inputs in float32.
+  """
+  if resolve_impl(impl) == "matmul":
+    return _matmul_conv(x_NHWC, w_HWIO, stride, padding)
   return _xla_conv(x_NHWC, w_HWIO, stride, padding)
 
 

@@ -1,0 +1,66 @@
+"""Shared helpers of the benchmark scripts (run by hand, not in CI; each prints one JSON line)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def load_config(spec: str):
+  """`configs/x.py` or `configs/x.py:arg` -> ConfigDict (same syntax as --config)."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("bench_cfg", ROOT / path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """The machine's fp32 matmul rate (jnp.dot n^3), measured in the same run."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  sec = median_time(lambda: f(a), repeats)
+  return 2 * n ** 3 / sec / 1e9
+
+
+def peak_memory_bytes() -> int:
+  """Peak device memory on accelerators, else the process's peak RSS."""
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def device_info() -> dict:
+  return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+          "num_devices": jax.device_count(), "cpu_count": os.cpu_count()}

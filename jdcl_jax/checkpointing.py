@@ -1,0 +1,69 @@
+"""Orbax checkpoints of the continual run: pytree items plus a JSON `meta` record.
+
+A checkpoint holds only what the current phase needs (e.g. the student state, both teachers and
+the replay set during a global stage). `meta["items"]` lists the items present and
+`meta["replay_shape"]` sizes the replay arrays, so restore can build abstract targets first.
+Orbax writes each step into a temporary directory and renames it when complete, so a kill leaves
+either the old or the new checkpoint. Restore walks the steps newest first and falls back to an
+older one when the newest is damaged (Orbax lists damaged steps as valid; JAX_STACK 5).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+AbstractFn = Callable[[str, dict], PyTree]
+
+
+def make_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+  if max_to_keep < 2:
+    raise ValueError("checkpoint.max_to_keep must be >= 2 so a damaged checkpoint can fall back")
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save(mngr: ocp.CheckpointManager, meta: dict, items: dict[str, PyTree]) -> int:
+  """Save `items` + `meta` as the next checkpoint id; returns it. Async: returns after the
+  device-to-host copy, so the caller may donate the saved arrays afterwards."""
+  ckpt_id = (mngr.latest_step() or 0) + 1
+  meta = {**meta, "items": sorted(items), "ckpt_id": ckpt_id}
+  args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+  args["meta"] = ocp.args.JsonSave(meta)
+  mngr.save(ckpt_id, args=ocp.args.Composite(**args), force=True)
+  return ckpt_id
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int,
+                  abstract_fn: AbstractFn) -> tuple[dict, dict[str, PyTree]]:
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  names = list(meta["items"])
+  args = {n: ocp.args.StandardRestore(abstract_fn(n, meta)) for n in names}
+  restored = mngr.restore(step, args=ocp.args.Composite(**args)) if names else {}
+  return meta, {n: restored[n] for n in names}
+
+
+def restore_latest(mngr: ocp.CheckpointManager,
+                   abstract_fn: AbstractFn) -> Optional[tuple[dict, dict[str, PyTree]]]:
+  """The newest checkpoint that restores cleanly, or None for a fresh workdir."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      return _restore_step(mngr, step, abstract_fn)
+    except Exception as e:  # pylint: disable=broad-except  (any damage -> try an older step)
+      logging.warning("checkpoint %d is unreadable (%s: %s); trying an older one",
+                      step, type(e).__name__, str(e)[:300])
+  if steps:
+    raise RuntimeError(f"none of the checkpoints {steps} in {mngr.directory} could be restored; "
+                       "move the directory away to start the run from scratch")
+  return None
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,188 @@
+"""The stages of one continual task: local training, replay generation, global (KD) training,
+evaluation. Each stage is a function of immutable run handles (`RunContext`) and pytrees, and
+returns pytrees; checkpoint and log calls go through the context's manager and writer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jdcl_jax import checkpointing
+from jdcl_jax import sharding
+from jdcl_jax import state as state_lib
+from jdcl_jax import steps
+from jdcl_jax.cl import metrics as cl_metrics
+from jdcl_jax.cl import replay as replay_lib
+from jdcl_jax.data import batching
+from jdcl_jax.models import unet
+
+PyTree = Any
+PER_TASK_KEYS = {"local": ("steps", "lr"),
+                 "glob": ("steps", "lr", "cls_start_step", "cls_kd_no_wait")}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  """Immutable handles shared by the stages of one run (no training state lives here)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: unet.JointUNet
+  sched: Any
+  mesh: jax.sharding.Mesh
+  data: Any                       # data.sources.ArrayDataset
+  tasks: list[list[int]]
+  mngr: Any                       # orbax CheckpointManager
+  writer: Any                     # clu MetricWriter
+  hooks: tuple[Callable[[int], None], ...]   # CLU periodic actions, called with the run step
+  local_step: Callable
+  global_step: Callable
+  eval_fn: Callable
+  tx: Any
+
+
+def task_value(stage_cfg: ml_collections.ConfigDict, key: str, task: int) -> Any:
+  """A stage field with its per-task override ("t3" = third task, 1-based) applied."""
+  over = stage_cfg.per_task.get(f"t{task + 1}", None)
+  return over[key] if over is not None and key in over else stage_cfg[key]
+
+
+def init_snapshot(ctx: RunContext, task: int) -> state_lib.Snapshot:
+  params = unet.init_params(ctx.model.config, steps.stage_rng(ctx.config.seed, task, "init"))
+  return sharding.replicate_tree(state_lib.fresh_snapshot(params), ctx.mesh)
+
+
+def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int,
+                num_steps: int, images: np.ndarray, labels: np.ndarray, extra: tuple,
+                meta: dict, save_items: dict) -> tuple[state_lib.TrainState, dict]:
+  """Run `num_steps` steps from `st.step`; log, checkpoint and call hooks along the way."""
+  cfg = ctx.config
+  step_fn = ctx.local_step if stage == "local" else ctx.global_step
+  bs = (cfg.local if stage == "local" else cfg.glob).batch_size
+  rng = steps.stage_rng(cfg.seed, task, stage)
+  data_sh = sharding.data_sharded(ctx.mesh)
+  start, t0, window = int(st.step), time.time(), []
+  for step in range(start, num_steps):
+    idx = host_slice(batching.batch_indices(cfg.seed, task, stage, step, len(labels), bs))
+    x = batching.to_global_batch(images[idx], data_sh)
+    y = batching.to_global_batch(labels[idx].astype(np.int32), data_sh)
+    st, m = step_fn(st, x, y, rng, *extra)
+    window.append(m)
+    run_step = meta["total_steps"] + step + 1
+    for hook in ctx.hooks:
+      hook(run_step)
+    if (step + 1) % cfg.log.every_steps == 0 or step + 1 == num_steps:
+      _write_train_metrics(ctx, stage, task, run_step, window, step + 1 - start, time.time() - t0)
+      window, t0, start = [], time.time(), step + 1
+    if (step + 1) % cfg.checkpoint.every_steps == 0 and step + 1 < num_steps:
+      checkpointing.save(ctx.mngr, {**meta, "step": step + 1}, {**save_items, "state": st})
+  meta = {**meta, "total_steps": meta["total_steps"] + num_steps}
+  return st, meta
+
+
+def host_slice(a: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch (all of it with one process)."""
+  return np.array_split(a, jax.process_count())[jax.process_index()]
+
+
+def _write_train_metrics(ctx: RunContext, stage: str, task: int, run_step: int,
+                         window: list, n_steps: int, seconds: float) -> None:
+  host = jax.device_get(window)                 # one host sync per logging window
+  scalars = {f"train/{stage}/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+  scalars.update({"train/task": task + 1, f"train/{stage}/steps_per_sec": n_steps / max(seconds, 1e-9)})
+  ctx.writer.write_scalars(run_step, scalars)
+
+
+def local_stage(ctx: RunContext, task: int, prev: Optional[state_lib.Snapshot],
+                st: Optional[state_lib.TrainState], meta: dict) -> tuple[state_lib.Snapshot, dict]:
+  """Train a local model on the real data of `task` (spec 4.3), resuming from `st` if given."""
+  cfg = ctx.config.local
+  if st is None:
+    start = prev if (cfg.init == "prev_global" and prev is not None) else init_snapshot(ctx, task)
+    st = state_lib.new_state(start, ctx.tx, task_value(cfg, "lr", task))
+  idx = np.flatnonzero(np.isin(ctx.data.y_train, ctx.tasks[task]))
+  items = {"prev_global": prev} if prev is not None else {}
+  st, meta = _train_loop(ctx, st, "local", task, task_value(cfg, "steps", task),
+                         ctx.data.x_train[idx], ctx.data.y_train[idx], (), meta, items)
+  return st.snapshot(), meta
+
+
+def replay_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
+                 local: state_lib.Snapshot) -> tuple[dict, dict]:
+  """The synthetic set: old classes from G_{k-1}, new classes from L_k, exact quotas."""
+  cfg = ctx.config.replay
+  shape = ctx.data.x_train.shape[1:]
+  gen = replay_lib.make_generate_fn(ctx.model, ctx.sched, cfg, shape, ctx.mesh)
+  rng = steps.stage_rng(ctx.config.seed, task, "replay")
+  old = [c for k in range(task) for c in ctx.tasks[k]]
+  parts, stats = [], {}
+  for role, snap, classes, scale in (("old", prev, old, cfg.fill_scale_old),
+                                     ("new", local, ctx.tasks[task], cfg.fill_scale_new)):
+    sample_p = snap.ema_params if cfg.sample_with_ema else snap.params
+    label_p = snap.ema_params if cfg.label_with_ema else snap.params
+    t0 = time.time()
+    x, y, s = replay_lib.generate_class_set(
+        gen, sample_p, label_p, classes, cfg.samples_per_class,
+        jax.random.fold_in(rng, 0 if role == "old" else 1), cfg, tuple(scale))
+    stats[role] = {**s, "seconds": time.time() - t0}
+    parts.append((x, y))
+  x = np.concatenate([p[0] for p in parts])
+  y = np.concatenate([p[1] for p in parts])
+  return {"x": x, "y": y}, stats
+
+
+def class_mask(classes: list[int], num_classes: int) -> jax.Array:
+  return jnp.zeros((num_classes,), bool).at[jnp.asarray(classes, jnp.int32)].set(True)
+
+
+def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
+                 local: state_lib.Snapshot, replay: dict, st: Optional[state_lib.TrainState],
+                 meta: dict) -> tuple[state_lib.Snapshot, dict]:
+  """Consolidate into G_k: student from G_{k-1} (raw weights, EMA continued), synthetic data
+  only, teachers G_{k-1} (old classes) and L_k (new classes)."""
+  cfg, k = ctx.config.glob, ctx.model.config.num_classes
+  if st is None:
+    st = state_lib.new_state(prev, ctx.tx, task_value(cfg, "lr", task))
+  old = [c for j in range(task) for c in ctx.tasks[j]]
+  cls_start = int(task_value(cfg, "cls_start_step", task))
+  cls_kd_start = 0 if task_value(cfg, "cls_kd_no_wait", task) else cls_start
+  extra = (prev.params, local.params, class_mask(old, k), class_mask(ctx.tasks[task], k),
+           jnp.asarray(cls_start, jnp.int32), jnp.asarray(cls_kd_start, jnp.int32))
+  items = {"prev_global": prev, "local": local, "replay": replay}
+  st, meta = _train_loop(ctx, st, "global", task, task_value(cfg, "steps", task),
+                         replay["x"], replay["y"], extra, meta, items)
+  return st.snapshot(), meta
+
+
+def evaluate(ctx: RunContext, snap: state_lib.Snapshot, upto: int) -> dict[str, list[float]]:
+  """Per-task accuracy on the test images of tasks 0..upto, with EMA and raw weights."""
+  seen = [c for k in range(upto + 1) for c in ctx.tasks[k]]
+  sel = np.isin(ctx.data.y_test, seen)
+  x, y = ctx.data.x_test[sel], ctx.data.y_test[sel]
+  out = {}
+  for name, params in (("ema", snap.ema_params), ("raw", snap.params)):
+    pred = predict(ctx, params, x)
+    out[name] = cl_metrics.per_task_accuracy(pred, y, ctx.tasks, upto)
+  return out
+
+
+def predict(ctx: RunContext, params: PyTree, x: np.ndarray) -> np.ndarray:
+  """argmax predictions in fixed-size padded batches (one compiled program)."""
+  bs = ctx.config.eval.batch_size
+  data_sh = sharding.data_sharded(ctx.mesh)
+  preds = []
+  for i in range(0, len(x), bs):
+    chunk = x[i:i + bs]
+    pad = np.zeros((bs - len(chunk),) + x.shape[1:], x.dtype)
+    batch = host_slice(np.concatenate([chunk, pad]))
+    logits = ctx.eval_fn(params, batching.to_global_batch(batch, data_sh))
+    # Gather across processes so every host computes the same accuracies.
+    logits = multihost_utils.process_allgather(logits, tiled=True)
+    preds.append(np.asarray(logits).argmax(-1)[:len(chunk)])
+  return np.concatenate(preds) if preds else np.zeros((0,), np.int64)
