@@ -1,59 +1,44 @@
-"""Throughput of the jitted augmentation views; prints one JSON line.
+"""Augmentation throughput: python benchmarks/augment_throughput.py [--batch 256 --size 32]
 
-  python benchmarks/augment_throughput.py [--batch 256] [--size 32] [--calls 10]
-
-Median images/s over `--calls` timed calls after one warm-up (compile) call,
-for the classifier view (flip + pad-crop + RandAugmentMC + Cutout), the
-diffusion view (flip + RandomResizedCrop) and the weak view.
+Images/s of the jitted views on one batch of random uint8 images: the classifier view
+(flip + reflect-pad crop + RandAugmentMC + Cutout), the diffusion view (flip +
+RandomResizedCrop) and the FixMatch weak view. Median over `--repeats` calls after
+warm-up (compile time reported separately). One JSON line.
 """
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # sets sys.path
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jdcl_jax.data import augment  # noqa: E402
+from jdcl_jax.data import augment
 
 
-def _median_rate(fn, rng, x, calls: int) -> tuple[float, float]:
-  t0 = time.perf_counter()
-  fn(rng, x).block_until_ready()  # compile + first run
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(calls):
-    key = jax.random.fold_in(rng, i)
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=256)
+  ap.add_argument("--size", type=int, default=32)
+  ap.add_argument("--channels", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=10)
+  a = ap.parse_args()
+  x = np.random.RandomState(0).randint(0, 256, (a.batch, a.size, a.size, a.channels))
+  x = jax.device_put(x.astype(np.uint8))
+  out = {"bench": "augment_throughput", "backend": jax.default_backend(),
+         "batch": a.batch, "image": [a.size, a.size, a.channels],
+         "load_avg_1m": round(os.getloadavg()[0], 2)}  # CPU numbers depend on other load
+  for name, view in [("classifier_view", augment.classifier_view),
+                     ("diffusion_view", augment.diffusion_view),
+                     ("weak_view", augment.weak_view)]:
+    keys = iter(jax.random.split(jax.random.key(0), a.repeats + 10))
     t0 = time.perf_counter()
-    fn(key, x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return x.shape[0] / statistics.median(times), compile_s
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--size", type=int, default=32)
-  parser.add_argument("--channels", type=int, default=3)
-  parser.add_argument("--calls", type=int, default=10)
-  args = parser.parse_args()
-  x = np.random.RandomState(0).randint(
-      0, 256, (args.batch, args.size, args.size, args.channels)).astype(np.uint8)
-  x = jax.device_put(x)
-  rng = jax.random.key(0)
-  result = {"backend": jax.default_backend(), "devices": jax.device_count(),
-            "batch": args.batch, "shape": list(x.shape[1:])}
-  for name, fn in [("classifier_view", augment.classifier_view),
-                   ("diffusion_view", augment.diffusion_view),
-                   ("weak_view", augment.weak_view)]:
-    rate, compile_s = _median_rate(fn, rng, x, args.calls)
-    result[f"{name}_img_per_s"] = round(rate, 1)
-    result[f"{name}_compile_s"] = round(compile_s, 2)
-  print(json.dumps(result))
+    jax.block_until_ready(view(next(keys), x))
+    out[f"{name}_compile_s"] = round(time.perf_counter() - t0, 2)
+    sec = common.median_time(lambda: view(next(keys), x), a.repeats, warmup=1)
+    out[f"{name}_img_per_s"] = round(a.batch / sec, 1)
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def main(argv):
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS") \
       or os.environ.get("TPU_WORKER_HOSTNAMES"):
     jax.distributed.initialize()      # multi-process: must precede every other JAX call
+  # Orbax logs every save at INFO; keep the console for progress and metrics.
+  logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
   config = _CONFIG.value
   if config.compilation_cache:
     # Repeat runs (resume after preemption, the same demo twice) skip XLA compiles.

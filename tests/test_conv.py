@@ -19,7 +19,7 @@ RTOL = 1e-5  # relative to the largest magnitude of the reference
 # (kernel, stride, padding)
 KINDS = [(3, 1, 1), (3, 2, 1), (1, 1, 0)]
 # (batch, size, c_in): odd/even size, 1/3 channels and batch 1/>1 all appear.
-SHAPES = [(1, 7, 1), (3, 8, 3), (1, 8, 3), (2, 7, 1)]
+SHAPES = [(1, 7, 1), (3, 8, 3), (2, 7, 1)]
 
 
 def _inputs(batch: int, size: int, c_in: int, c_out: int, k: int, stride: int,

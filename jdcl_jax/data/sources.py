@@ -4,25 +4,24 @@ Every source returns an in-memory `ArrayDataset` (uint8 NHWC images, int32
 labels). `load_source(config.data)` picks the source through the explicit
 `SOURCES` dict (no registration by import side effect).
 
-Fields of `config.data` read here (all optional except `source`):
-  source         "digits" | "tfds" | "npz".
-  name           display name of the dataset (default: derived from the source).
-  image_size     final square side; None keeps the native size.
-  resize         side of an aspect-changing resize done *before* a centre crop
-                 to image_size (ImageNet-100: 76 -> crop 64, as the original);
-                 None means "resize straight to image_size" when sizes differ.
+Fields of `config.data` read here (None or missing = the default shown):
+  source         "digits" (default) | "tfds" | "npz".
+  name           display name (default: "digits", tfds_name, or the npz stem).
+  image_size     final square side; None keeps the native size (a no-op when
+                 it equals the native size, e.g. 8 for digits, 32 for CIFAR).
+  resize         side of an aspect-changing resize *before* a centre crop to
+                 image_size (imagenet100: 76 for 64); None = image_size.
   resize_method  "bilinear" (PIL, antialiased like torchvision) | "nearest".
-  tfds_name      TFDS builder name: "cifar10", "cifar100", "imagenet2012".
-  data_dir       TFDS data dir; None uses TFDS's default (honours TFDS_DATA_DIR).
-  train_split    TFDS split for training (default "train").
-  test_split     TFDS split for testing (default "validation" for imagenet2012,
-                 else "test").
-  image_key, label_key  TFDS feature keys (default "image", "label"; CIFAR-100's
-                 "label" is the fine label).
-  class_list     file of WordNet IDs to keep (ImageNet-100); relative paths are
-                 tried against the working dir, then the repository root.
-  cache_dir      if set, TFDS results are cached there as .npz (decoding
-                 ImageNet once takes long).
+  tfds_name      "cifar10" | "cifar100" | "imagenet100" (preset, below) | any
+                 TFDS image-classification builder.
+  data_dir       TFDS data dir; None = TFDS's default (honours TFDS_DATA_DIR).
+  train_split    default "train"; test_split: "validation" for ImageNet, else "test".
+  image_key, label_key  default "image", "label" (CIFAR-100: fine labels).
+  class_list     WordNet-ID file restricting the classes (imagenet100 default:
+                 configs/imagenet100_classes.txt); relative paths are tried
+                 against the working dir, then the repository root.
+  cache_dir      if set, TFDS results are cached there as .npz (reading
+                 ImageNet takes long; the original also preprocessed once).
   npz_path       npz file with x_train, y_train, x_test, y_test.
   num_classes    npz only: expected number of classes (None: max label + 1).
 """
@@ -86,8 +85,9 @@ def preprocess_image(img_HWC: np.ndarray, image_size: Optional[int],
                      resize: Optional[int] = None,
                      method: str = "bilinear") -> np.ndarray:
   """Resizes (aspect-changing) to `resize` then centre-crops to `image_size`."""
-  if image_size is None:
+  if image_size is None and resize is None:
     return img_HWC
+  image_size = image_size or resize
   resize = resize or image_size
   if resize < image_size:
     raise ValueError(f"resize={resize} must be >= image_size={image_size}")
@@ -199,6 +199,50 @@ def load_npz(cfg: Any) -> ArrayDataset:
 # ----------------------------------------------------------------------------
 # TFDS: read prepared array_record data into memory; never download.
 
+# Presets over TFDS builders. "imagenet100" is imagenet2012 restricted to the
+# shipped class list, resized to 76x76 (aspect-changing) then centre-cropped to
+# 64, as the original's one-off preprocessing (spec 5.2).
+TFDS_PRESETS = {
+    "imagenet100": dict(builder="imagenet2012", class_list=IMAGENET100_CLASS_LIST,
+                        resize_factor=76 / 64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+  builder: str
+  data_dir: Optional[str]
+  train_split: str
+  test_split: str
+  image_key: str
+  label_key: str
+  class_list: Optional[str]
+  image_size: Optional[int]
+  resize: Optional[int]
+  resize_method: str
+
+
+def _tfds_spec(cfg: Any) -> _TfdsSpec:
+  name = _get(cfg, "tfds_name")
+  if not name:
+    raise ValueError("config.data.tfds_name must be set for source='tfds'")
+  preset = TFDS_PRESETS.get(name, {})
+  builder = preset.get("builder", name)
+  size, resize = _get(cfg, "image_size"), _get(cfg, "resize")
+  if resize is None and size and "resize_factor" in preset:
+    resize = int(round(size * preset["resize_factor"]))
+  return _TfdsSpec(
+      builder=builder, data_dir=_get(cfg, "data_dir"),
+      train_split=_get(cfg, "train_split", "train"),
+      test_split=_get(cfg, "test_split",
+                      "validation" if builder == "imagenet2012" else "test"),
+      image_key=_get(cfg, "image_key", "image"),
+      label_key=_get(cfg, "label_key", "label"),
+      class_list=_get(cfg, "class_list", preset.get("class_list")),
+      image_size=size, resize=resize,
+      resize_method=_get(cfg, "resize_method", "bilinear"))
+
+
 def read_class_list(path: str) -> list[str]:
   """WordNet IDs of a class-list file ('#' comments and blank lines skipped)."""
   candidates = [pathlib.Path(path), REPO_ROOT / path]
@@ -212,42 +256,41 @@ def read_class_list(path: str) -> list[str]:
   return ids
 
 
-def _prepare_command(tfds_name: str, data_dir: Optional[str]) -> str:
+def _prepare_command(builder: str, data_dir: Optional[str]) -> str:
   root = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-  build = (f"tfds build {tfds_name} --file_format=array_record "
-           f"--data_dir={root}")
-  if tfds_name == "imagenet2012":
+  build = f"tfds build {builder} --file_format=array_record --data_dir={root}"
+  if builder == "imagenet2012":
     return ("ImageNet needs a manual download: put ILSVRC2012_img_train.tar and "
             "ILSVRC2012_img_val.tar (from image-net.org) in MANUAL_DIR, then run\n"
             f"  pip install tensorflow-cpu && {build} --manual_dir=MANUAL_DIR")
-  return f"Prepare it once (needs internet and TF) with:\n  pip install tensorflow-cpu && {build}"
+  return ("Prepare it once (needs internet; TF only for this step) with:\n"
+          f"  pip install tensorflow-cpu && {build}")
 
 
-def _open_split(tfds_name: str, split: str, data_dir: Optional[str],
-                skip_image_decoding: bool, image_key: str) -> Any:
+def _open_split(spec: _TfdsSpec, split: str, skip_image_decoding: bool) -> Any:
   """tfds.data_source with download=False; clear errors instead of retries."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  kwargs = dict(split=split, data_dir=data_dir, download=False,
+  kwargs = dict(split=split, data_dir=spec.data_dir, download=False,
                 # Pitfall 5: without this TFDS assumes tfrecord and fails.
                 builder_kwargs={"file_format": "array_record"})
   if skip_image_decoding:  # keep JPEG bytes: only decode the kept classes
-    kwargs["decoders"] = {image_key: tfds.decode.SkipDecoding()}
+    kwargs["decoders"] = {spec.image_key: tfds.decode.SkipDecoding()}
   try:
-    return tfds.data_source(tfds_name, **kwargs)
-  except KeyError as e:
-    builder = tfds.builder(tfds_name, data_dir=data_dir,
+    return tfds.data_source(spec.builder, **kwargs)
+  except KeyError as e:  # TFDS's "splits is empty" when nothing is on disk
+    builder = tfds.builder(spec.builder, data_dir=spec.data_dir,
                            file_format="array_record")
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
-          f"TFDS dataset '{tfds_name}' is not prepared under {builder.data_dir} "
-          f"(download is disabled). {_prepare_command(tfds_name, data_dir)}"
-      ) from e
-    raise ValueError(f"split '{split}' not in {tfds_name}: "
+          f"TFDS dataset '{spec.builder}' is not prepared under "
+          f"{builder.data_dir} (download is disabled). "
+          f"{_prepare_command(spec.builder, spec.data_dir)}") from e
+    raise ValueError(f"split '{split}' not in {spec.builder}: "
                      f"{list(builder.info.splits)}") from e
   except NotImplementedError as e:  # prepared, but as tfrecord
     raise DatasetNotPreparedError(
-        f"TFDS dataset '{tfds_name}' exists but not in array_record format. "
-        f"{_prepare_command(tfds_name, data_dir)}") from e
+        f"TFDS dataset '{spec.builder}' exists but not in array_record format. "
+        f"{_prepare_command(spec.builder, spec.data_dir)}") from e
 
 
 def _iter_records(source: Any) -> Iterable[list[dict]]:
@@ -266,41 +309,32 @@ def _decode(image: Any) -> np.ndarray:
   return np.asarray(image, dtype=np.uint8)
 
 
-def _read_split(cfg: Any, split: str, keep: Optional[dict[int, int]],
+def _read_split(spec: _TfdsSpec, split: str, keep: Optional[dict[int, int]],
                 pool: concurrent.futures.Executor) -> tuple[np.ndarray, np.ndarray]:
   """Streams one split; `keep` maps original -> new labels (None keeps all)."""
-  image_key, label_key = _get(cfg, "image_key", "image"), _get(cfg, "label_key", "label")
-  source = _open_split(_get(cfg, "tfds_name"), split, _get(cfg, "data_dir"),
-                       keep is not None, image_key)
-  size, resize = _get(cfg, "image_size"), _get(cfg, "resize")
-  method = _get(cfg, "resize_method", "bilinear")
-  prep = lambda im: preprocess_image(_decode(im), size, resize, method)
+  source = _open_split(spec, split, skip_image_decoding=keep is not None)
+  prep = lambda im: preprocess_image(_decode(im), spec.image_size, spec.resize,
+                                     spec.resize_method)
   xs, ys = [], []
   for records in _iter_records(source):
+    labels = [int(r[spec.label_key]) for r in records]
     if keep is not None:
-      records = [r for r in records if int(r[label_key]) in keep]
+      records = [r for r, y in zip(records, labels) if y in keep]
+      labels = [keep[y] for y in labels if y in keep]
     # Decoding and PIL resizing release the GIL, so threads help here.
-    xs.extend(pool.map(prep, [r[image_key] for r in records]))
-    ys.extend(int(r[label_key]) if keep is None else keep[int(r[label_key])]
-              for r in records)
+    xs.extend(pool.map(prep, [r[spec.image_key] for r in records]))
+    ys.extend(labels)
   if not xs:
-    raise ValueError(f"{_get(cfg, 'tfds_name')}:{split} has no examples of the classes kept")
+    raise ValueError(f"{spec.builder}:{split} has no examples of the kept classes")
   return np.stack(xs), np.asarray(ys, np.int32)
 
 
-def _label_names(cfg: Any) -> list[str]:
-  source = _open_split(_get(cfg, "tfds_name"), _get(cfg, "train_split", "train"),
-                       _get(cfg, "data_dir"), False, _get(cfg, "image_key", "image"))
-  return list(source.dataset_info.features[_get(cfg, "label_key", "label")].names)
-
-
-def _cache_path(cfg: Any, class_ids: Optional[list[str]]) -> Optional[pathlib.Path]:
+def _cache_path(cfg: Any, spec: _TfdsSpec,
+                class_ids: Optional[list[str]]) -> Optional[pathlib.Path]:
   cache_dir = _get(cfg, "cache_dir")
   if not cache_dir:
     return None
-  key = repr([_get(cfg, k) for k in (
-      "tfds_name", "image_size", "resize", "resize_method", "train_split",
-      "test_split", "image_key", "label_key")] + [class_ids])
+  key = repr((dataclasses.astuple(dataclasses.replace(spec, data_dir=None)), class_ids))
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   return pathlib.Path(cache_dir) / f"{_get(cfg, 'tfds_name')}-{digest}.npz"
 
@@ -321,30 +355,27 @@ def _to_cache(path: pathlib.Path, ds: ArrayDataset) -> None:
 
 
 def load_tfds(cfg: Any) -> ArrayDataset:
-  """CIFAR-10/100 or ImageNet(-100) from prepared TFDS array_record files."""
-  tfds_name = _get(cfg, "tfds_name")
-  if not tfds_name:
-    raise ValueError("config.data.tfds_name must be set for source='tfds'")
-  class_ids = read_class_list(_get(cfg, "class_list")) if _get(cfg, "class_list") else None
-  name = _get(cfg, "name", tfds_name)
-  cache = _cache_path(cfg, class_ids)
+  """CIFAR-10/100, ImageNet-100 (preset) or any image-classification TFDS set."""
+  spec = _tfds_spec(cfg)
+  class_ids = read_class_list(spec.class_list) if spec.class_list else None
+  name = _get(cfg, "name", _get(cfg, "tfds_name"))
+  cache = _cache_path(cfg, spec, class_ids)
   if cache is not None and cache.is_file():
     return _from_cache(cache, name)
-  names = _label_names(cfg)  # fails fast when the data is missing
+  train_source = _open_split(spec, spec.train_split, False)  # fails fast if missing
+  names = list(train_source.dataset_info.features[spec.label_key].names)
   keep = None
   if class_ids is not None:
     unknown = sorted(set(class_ids) - set(names))
     if unknown:
-      raise ValueError(f"class list entries not in {tfds_name}: {unknown[:5]}")
+      raise ValueError(f"class list entries not in {spec.builder}: {unknown[:5]}")
     # ImageFolder semantics: new label = rank of the class ID in sorted order.
     position = {n: i for i, n in enumerate(names)}
     names = sorted(class_ids)
     keep = {position[n]: new for new, n in enumerate(names)}
-  test_split = _get(cfg, "test_split",
-                    "validation" if tfds_name == "imagenet2012" else "test")
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    x_train, y_train = _read_split(cfg, _get(cfg, "train_split", "train"), keep, pool)
-    x_test, y_test = _read_split(cfg, test_split, keep, pool)
+    x_train, y_train = _read_split(spec, spec.train_split, keep, pool)
+    x_test, y_test = _read_split(spec, spec.test_split, keep, pool)
   ds = ArrayDataset(x_train, y_train, x_test, y_test, len(names), name, tuple(names))
   if cache is not None:
     _to_cache(cache, ds)

@@ -47,8 +47,11 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul")
   if impl == "auto":
-    # The CPU backend is the one whose conv gradients are worth replacing;
-    # accelerators keep XLA's (cuDNN/TPU) kernels.
+    # Accelerators keep XLA's (cuDNN/TPU) kernels. On CPU this follows the
+    # measurement in JAX_STACK section 7 (XLA:CPU weight gradient ~20x its
+    # forward). NOTE: on AVX-512 hosts whose XLA:CPU routes convs to YNNPACK,
+    # "xla" measured faster for 3x3 convs (benchmarks/conv_micro.py); flip
+    # this line if the target host is of that kind.
     return "matmul" if jax.default_backend() == "cpu" else "xla"
   return impl
 
@@ -88,8 +91,8 @@ def _weight_grad_block(x: Array, g: Array, k: int, stride: int,
   """dW for one batch block: one (C, O) contraction per kernel tap.
 
   Each tap contracts all batch*output positions of its window with the
-  cotangent; a GEMM with a long reduction, which the CPU does far better than
-  XLA:CPU's generic conv-backprop-filter on some machines (JAX_STACK section 7).
+  cotangent: a GEMM with a long reduction, in place of XLA:CPU's
+  conv-backprop-filter, which JAX_STACK section 7 measured at ~20x the forward.
   """
   acc = _accum_dtype(x.dtype)
   taps = [jnp.einsum("nhwc,nhwo->co", win, g, preferred_element_type=acc)

@@ -218,18 +218,16 @@ class JointUNet(nn.Module):
     ch = cfg.model_channels
     self.time_embed_0 = Linear(4 * ch, dtype=dtype)
     self.time_embed_2 = Linear(4 * ch, dtype=dtype)
-    # Encoder. `skip_chans` tracks the width of every stored encoder output.
-    inputs = [[Conv(ch, impl=cfg.conv_impl, dtype=dtype)]]
-    skip_chans, ds = [ch], 1
+    # Encoder. Layers infer their input width, so unlike ldm no channel
+    # bookkeeping is needed; `ds` (downsample factor) decides attention.
+    inputs, ds = [[Conv(ch, impl=cfg.conv_impl, dtype=dtype)]], 1
     for level, mult in enumerate(cfg.channel_mult):
       for _ in range(cfg.num_res_blocks):
         ch = mult * cfg.model_channels
         layers = [res(ch)] + ([attn()] if ds in cfg.attention_resolutions else [])
         inputs.append(layers)
-        skip_chans.append(ch)
       if level != len(cfg.channel_mult) - 1:
         inputs.append([Downsample(cfg.conv_impl, dtype)])
-        skip_chans.append(ch)
         ds *= 2
     self.input_blocks = inputs
     self.middle_block = [res(ch), attn(), res(ch)]
@@ -237,7 +235,6 @@ class JointUNet(nn.Module):
     outputs = []
     for level, mult in reversed(list(enumerate(cfg.channel_mult))):
       for i in range(cfg.num_res_blocks + 1):
-        skip_chans.pop()
         ch = mult * cfg.model_channels
         layers = [res(ch)] + ([attn()] if ds in cfg.attention_resolutions else [])
         if level and i == cfg.num_res_blocks:
