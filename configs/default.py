@@ -36,6 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.npz_path = placeholder(str)    # source = npz: file with x_train, y_train, x_test, y_test
   c.data.image_size = 8          # model input size; sources resize/crop to it where documented
   c.data.class_list = placeholder(str)  # imagenet100: WordNet-ID list; None = configs/imagenet100_classes.txt
+  c.data.name = placeholder(str)        # display name; None = source/tfds name
+  c.data.resize = placeholder(int)      # aspect-changing resize before a centre crop (imagenet100: 76)
+  c.data.resize_method = "bilinear"     # bilinear (PIL, antialiased) | nearest
+  c.data.train_split = placeholder(str) # None = "train"
+  c.data.test_split = placeholder(str)  # None = "test" ("validation" for ImageNet)
+  c.data.image_key = placeholder(str)   # None = "image"
+  c.data.label_key = placeholder(str)   # None = "label" (CIFAR-100: fine labels)
+  c.data.cache_dir = placeholder(str)   # cache decoded TFDS arrays as .npz here (ImageNet: read once)
+  c.data.num_classes = placeholder(int) # npz only: expected classes; None = max label + 1
 
   # ---- continual scenario -------------------------------------------------------------------------
   c.cl = ml_collections.ConfigDict()
@@ -67,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.local.ema_decay = 0.9999
   c.local.ema_warmup = True      # decay = min(d, (1+n)/(10+n)) (LitEma); False = constant d
   c.local.init = "scratch"       # scratch | prev_global (ImageNet-100 recipe: params + EMA of G_{k-1})
+  c.local.ema_continue = True    # with init=prev_global: continue G_{k-1}'s EMA (faithful) or restart it
   c.local.diffusion_view, c.local.classifier_view = _view_configs((0.85, 1.0))
   c.local.per_task = ml_collections.ConfigDict()   # e.g. {"t1": {"steps": 120000}}
 
@@ -105,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.glob.pi_weighting = True     # pi_o = 2 n_o / n, pi_n = 2 n_n / n (main); False = plain sum (paper_branch)
   c.glob.teacher_dropout = True  # original teachers stay in train mode (8.1.4)
   c.glob.ema_decay = 0.9999      # LitEma decay of the student, whose counter continues G_{k-1}'s (0.999 in SSL chains)
+  c.glob.ema_continue = True     # student continues G_{k-1}'s EMA shadow + counter (faithful, spec 2.3);
+                                 # False: restart it (fresh warm-up) so short stages don't lag
   c.glob.diffusion_view, c.glob.classifier_view = _view_configs((0.85, 1.0))
   c.glob.per_task = ml_collections.ConfigDict()
 

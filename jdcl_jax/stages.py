@@ -67,8 +67,8 @@ def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int
   bs = (cfg.local if stage == "local" else cfg.glob).batch_size
   rng = steps.stage_rng(cfg.seed, task, stage)
   data_sh = sharding.data_sharded(ctx.mesh)
-  start, t0, window = int(st.step), time.time(), []
-  for step in range(start, num_steps):
+  t0, window = time.time(), []
+  for step in range(int(st.step), num_steps):
     idx = host_slice(batching.batch_indices(cfg.seed, task, stage, step, len(labels), bs))
     x = batching.to_global_batch(images[idx], data_sh)
     y = batching.to_global_batch(labels[idx].astype(np.int32), data_sh)
@@ -78,8 +78,9 @@ def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int
     for hook in ctx.hooks:
       hook(run_step)
     if (step + 1) % cfg.log.every_steps == 0 or step + 1 == num_steps:
-      _write_train_metrics(ctx, stage, task, run_step, window, step + 1 - start, time.time() - t0)
-      window, t0, start = [], time.time(), step + 1
+      host = jax.device_get(window)           # one host sync per logging window
+      _write_train_metrics(ctx, stage, task, run_step, host, len(host), time.time() - t0)
+      window, t0 = [], time.time()
     if (step + 1) % cfg.checkpoint.every_steps == 0 and step + 1 < num_steps:
       checkpointing.save(ctx.mngr, {**meta, "step": step + 1}, {**save_items, "state": st})
   meta = {**meta, "total_steps": meta["total_steps"] + num_steps}
@@ -92,8 +93,7 @@ def host_slice(a: np.ndarray) -> np.ndarray:
 
 
 def _write_train_metrics(ctx: RunContext, stage: str, task: int, run_step: int,
-                         window: list, n_steps: int, seconds: float) -> None:
-  host = jax.device_get(window)                 # one host sync per logging window
+                         host: list, n_steps: int, seconds: float) -> None:
   scalars = {f"train/{stage}/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
   scalars.update({"train/task": task + 1, f"train/{stage}/steps_per_sec": n_steps / max(seconds, 1e-9)})
   ctx.writer.write_scalars(run_step, scalars)
@@ -105,7 +105,7 @@ def local_stage(ctx: RunContext, task: int, prev: Optional[state_lib.Snapshot],
   cfg = ctx.config.local
   if st is None:
     start = prev if (cfg.init == "prev_global" and prev is not None) else init_snapshot(ctx, task)
-    st = state_lib.new_state(start, ctx.tx, task_value(cfg, "lr", task))
+    st = state_lib.new_state(_maybe_restart_ema(start, cfg), ctx.tx, task_value(cfg, "lr", task))
   idx = np.flatnonzero(np.isin(ctx.data.y_train, ctx.tasks[task]))
   items = {"prev_global": prev} if prev is not None else {}
   st, meta = _train_loop(ctx, st, "local", task, task_value(cfg, "steps", task),
@@ -137,6 +137,14 @@ def replay_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   return {"x": x, "y": y}, stats
 
 
+def _maybe_restart_ema(snap: state_lib.Snapshot,
+                       cfg: ml_collections.ConfigDict) -> state_lib.Snapshot:
+  """Faithful: a model built from a checkpoint continues its EMA (shadow and counter, spec 2.3).
+  `ema_continue=False` restarts it from the current weights with a fresh LitEma warm-up, which
+  keeps the EMA from lagging a whole stage behind when stages are short."""
+  return snap if cfg.ema_continue else state_lib.fresh_snapshot(snap.params)
+
+
 def class_mask(classes: list[int], num_classes: int) -> jax.Array:
   return jnp.zeros((num_classes,), bool).at[jnp.asarray(classes, jnp.int32)].set(True)
 
@@ -148,7 +156,7 @@ def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   only, teachers G_{k-1} (old classes) and L_k (new classes)."""
   cfg, k = ctx.config.glob, ctx.model.config.num_classes
   if st is None:
-    st = state_lib.new_state(prev, ctx.tx, task_value(cfg, "lr", task))
+    st = state_lib.new_state(_maybe_restart_ema(prev, cfg), ctx.tx, task_value(cfg, "lr", task))
   old = [c for j in range(task) for c in ctx.tasks[j]]
   cls_start = int(task_value(cfg, "cls_start_step", task))
   cls_kd_start = 0 if task_value(cfg, "cls_kd_no_wait", task) else cls_start

@@ -110,13 +110,21 @@ def test_bf16_inputs(kind):
 
 def test_auto_resolution(monkeypatch):
   assert jax.default_backend() == "cpu"
-  assert conv.resolve_impl("auto") == "matmul"
-  assert conv.resolve_impl("xla") == "xla"
-  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(
-      x, w, stride=1, padding=1, impl="auto"))(*_inputs(1, 7, 1, 2, 3, 1, 1)[:2]))
+  # CPU: XLA for 3x3 (faster on this host), a channel matmul for pointwise convs.
+  assert conv.resolve_impl("auto", 3, 1, 1) == "xla"
+  assert conv.resolve_impl("auto", 3, 2, 1) == "xla"
+  assert conv.resolve_impl("auto", 1, 1, 0) == "matmul"
+  assert conv.resolve_impl("xla", 1, 1, 0) == "xla"
+  assert conv.resolve_impl("matmul", 3, 1, 1) == "matmul"
+  x, w, _ = _inputs(1, 7, 1, 2, 3, 1, 1)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, stride=1, padding=1,
+                                                      impl="matmul"))(x, w))
   assert "custom_vjp" in jaxpr
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, stride=1, padding=1,
+                                                      impl="auto"))(x, w))
+  assert "conv_general_dilated" in jaxpr and "custom_vjp" not in jaxpr
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert conv.resolve_impl("auto") == "xla"
+  assert conv.resolve_impl("auto", 1, 1, 0) == "xla"
 
 
 def test_invalid_impl():

@@ -42,17 +42,23 @@ IMPLS = ("auto", "xla", "matmul")
 _WINDOW_CHUNK_BYTES = 16 << 20
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps "auto" to the concrete implementation for the current backend."""
+def resolve_impl(impl: str, kernel_size: int = 3, stride: int = 1, padding: int = 1) -> str:
+  """Maps "auto" to the concrete implementation for this backend and conv shape.
+
+  Accelerators keep XLA's (cuDNN/TPU) kernels. On CPU, measured on this project's 2-core AVX-512
+  host (benchmarks/conv_micro.py): XLA:CPU routes 3x3 convs to YNNPACK and beats the shifted-matmul
+  VJP (fwd+bwd 0.65-1.08x), while 1x1 stride-1 convs are 1.9x faster as a plain channel matmul.
+  So "auto" on CPU = matmul for pointwise convs, XLA otherwise. On AVX2-only hosts, where
+  JAX_STACK section 7 measured XLA:CPU's 3x3 weight gradient at ~20x its forward, set
+  `model.conv_impl=matmul` explicitly.
+  """
   if impl not in IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul")
   if impl == "auto":
-    # Accelerators keep XLA's (cuDNN/TPU) kernels. On CPU this follows the
-    # measurement in JAX_STACK section 7 (XLA:CPU weight gradient ~20x its
-    # forward). NOTE: on AVX-512 hosts whose XLA:CPU routes convs to YNNPACK,
-    # "xla" measured faster for 3x3 convs (benchmarks/conv_micro.py); flip
-    # this line if the target host is of that kind.
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+      return "xla"
+    pointwise = kernel_size == 1 and stride == 1 and padding == 0
+    return "matmul" if pointwise else "xla"
   return impl
 
 
@@ -186,7 +192,7 @@ def conv2d(x_NHWC: Array, w_HWIO: Array, *, stride: int = 1, padding: int = 0,
   x is NHWC, w is HWIO; the output has x's dtype. "matmul" accumulates
   low-precision inputs in float32.
   """
-  if resolve_impl(impl) == "matmul":
+  if resolve_impl(impl, w_HWIO.shape[0], stride, padding) == "matmul":
     return _matmul_conv(x_NHWC, w_HWIO, stride, padding)
   return _xla_conv(x_NHWC, w_HWIO, stride, padding)
 
