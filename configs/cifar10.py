@@ -2,6 +2,7 @@
 
 Prepare the data once (needs TF + internet): see README "Datasets".
 """
+from configs import common
 from configs import default
 
 
@@ -11,10 +12,7 @@ def get_config(arg=None):
   c.seed = 12
   c.data.source, c.data.tfds_name, c.data.image_size = "tfds", "cifar10", 32
   c.cl.num_tasks = 5
-  c.model.update(dict(image_size=32, in_channels=3, out_channels=3, model_channels=128,
-                      channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(2, 4),
-                      num_heads=4, num_head_channels=-1, dropout=0.1, classifier_hidden=1024,
-                      num_classes=10))
+  c.model.update(common.cifar_model(10))
   c.local.steps, c.local.batch_size = 50_000, 256
   c.replay.samples_per_class, c.replay.ddim_steps, c.replay.sample_batch_size = 1000, 250, 2000
   c.glob.steps, c.glob.batch_size = 30_000, 256
@@ -22,6 +20,5 @@ def get_config(arg=None):
   c.glob.diffusion_view.rrc_scale = (0.64, 1.0)       # CIFAR-10 KD configs use scale 0.64-1
   c.glob.per_task.t3 = dict(lr=2e-5)                  # cifar10_kl_t3.yaml: base_learning_rate 2e-5
   c.eval.batch_size = 1000
-  c.log.every_steps = 100
-  c.checkpoint.every_steps = 2000
+  common.paper_logging(c)
   return c

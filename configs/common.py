@@ -11,3 +11,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     out[key] = type(defaults[key])(value)
   return out
+
+
+def cifar_model(num_classes: int) -> dict:
+  """The CIFAR UNet of spec 1.1 (56.36M / 56.45M parameters with 10 / 100 classes)."""
+  return dict(image_size=32, in_channels=3, out_channels=3, model_channels=128,
+              channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(2, 4),
+              num_heads=4, num_head_channels=-1, dropout=0.1, classifier_hidden=1024,
+              num_classes=num_classes)
+
+
+def paper_logging(c) -> None:
+  """Logging/eval cadence shared by the full-size benchmark configs."""
+  c.log.every_steps = 100
+  c.checkpoint.every_steps = 2000

@@ -3,6 +3,7 @@
 Attention resolutions (32, 16, 8) are read as downsample factors, so only ds 8 exists: copied for
 parameter-count and compute fidelity (spec 8.1.7). Later local stages start from G_{k-1}.
 """
+from configs import common
 from configs import default
 
 
@@ -22,6 +23,5 @@ def get_config(arg=None):
   c.replay.samples_per_class, c.replay.ddim_steps, c.replay.sample_batch_size = 1040, 250, 2000
   c.glob.steps, c.glob.batch_size, c.glob.cls_start_step = 90_000, 256, 10_000
   c.eval.batch_size = 500
-  c.log.every_steps = 100
-  c.checkpoint.every_steps = 2000
+  common.paper_logging(c)
   return c

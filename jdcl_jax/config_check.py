@@ -91,11 +91,12 @@ def _strip(d: dict) -> dict:
   return d
 
 
-def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
-  """Write workdir/config.json, or refuse to resume a workdir made with a different config."""
+def check_workdir_config(c: ml_collections.ConfigDict, workdir: str,
+                         has_checkpoints: bool = True) -> None:
+  """Write workdir/config.json, or refuse to resume checkpoints made with a different config."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(c.to_json_best_effort())
-  if os.path.exists(path):
+  if os.path.exists(path) and has_checkpoints:
     with open(path) as f:
       try:
         earlier = json.load(f)

@@ -145,8 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run (or resume) every task; write results.json; return the results dict."""
   config_check.check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  config_check.check_workdir_config(config, workdir)
-  ctx = _build_context(config, workdir)
+  ctx = _build_context(config, workdir)          # loads and checks the data before any compute
+  config_check.check_workdir_config(config, workdir, has_checkpoints=bool(ctx.mngr.all_steps()))
   try:
     res = _run(ctx)
   finally:

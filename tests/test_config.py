@@ -65,7 +65,7 @@ def test_per_task_override_restricted():
     config_check.check_config(c)
   c = load("tiny")
   c.glob.per_task.t9 = {"lr": 1e-4}
-  with pytest.raises(ValueError, match="t1..t5"):
+  with pytest.raises(ValueError, match=r"keys are t1\.\.t2"):
     config_check.check_config(c)
 
 
@@ -78,3 +78,27 @@ def test_workdir_refuses_a_different_config(tmp_path):
   c.seed = c.seed + 1
   with pytest.raises(ValueError, match="seed"):
     config_check.check_workdir_config(c, str(tmp_path))
+
+
+@pytest.mark.parametrize("name,arg,count", [("cifar10", None, 56_355_341),
+                                            ("cifar100", "tasks=10", 56_447_591),
+                                            ("imagenet100", None, 125_613_671)])
+def test_config_models_have_the_papers_parameter_counts(name, arg, count):
+  from jdcl_jax.models import unet
+  cfg = unet.ModelConfig(**load(name, arg).model.to_dict())
+  assert unet.count_params(cfg) == count
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.image_size", 16, "image_size"),
+    ("model.in_channels", 3, "channels"),
+    ("model.num_classes", 12, "classes"),
+])
+def test_data_model_mismatch_fails_before_compute(tmp_path, field, value, match):
+  from jdcl_jax import train
+  c = load("tiny")
+  section, leaf = field.split(".")
+  c[section][leaf] = value
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
