@@ -40,29 +40,45 @@ def save(mngr: ocp.CheckpointManager, meta: dict, items: dict[str, PyTree]) -> i
   return ckpt_id
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int,
-                  abstract_fn: AbstractFn) -> tuple[dict, dict[str, PyTree]]:
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  names = list(meta["items"])
-  args = {n: ocp.args.StandardRestore(abstract_fn(n, meta)) for n in names}
-  restored = mngr.restore(step, args=ocp.args.Composite(**args)) if names else {}
-  return meta, {n: restored[n] for n in names}
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict[str, PyTree]
+                   ) -> dict[str, PyTree]:
+  args = {n: ocp.args.StandardRestore(t) for n, t in targets.items()}
+  restored = mngr.restore(step, args=ocp.args.Composite(**args)) if args else {}
+  return {n: restored[n] for n in targets}
 
 
 def restore_latest(mngr: ocp.CheckpointManager,
                    abstract_fn: AbstractFn) -> Optional[tuple[dict, dict[str, PyTree]]]:
-  """The newest checkpoint that restores cleanly, or None for a fresh workdir."""
+  """The newest checkpoint that restores cleanly, or None for a fresh workdir.
+
+  Only reading is guarded: a damaged step falls back to an older one, while an error in building
+  the restore targets (a bug, or a config that does not match the checkpoint) propagates.
+  """
   steps = sorted(mngr.all_steps(), reverse=True)
   for step in steps:
     try:
-      return _restore_step(mngr, step, abstract_fn)
+      meta = _read_meta(mngr, step)
     except Exception as e:  # pylint: disable=broad-except  (any damage -> try an older step)
-      logging.warning("checkpoint %d is unreadable (%s: %s); trying an older one",
-                      step, type(e).__name__, str(e)[:300])
+      _warn_damaged(mngr, step, e)
+      continue
+    targets = {n: abstract_fn(n, meta) for n in meta["items"]}
+    try:
+      return meta, _restore_items(mngr, step, targets)
+    except Exception as e:  # pylint: disable=broad-except
+      _warn_damaged(mngr, step, e)
   if steps:
     raise RuntimeError(f"none of the checkpoints {steps} in {mngr.directory} could be restored; "
                        "move the directory away to start the run from scratch")
   return None
+
+
+def _warn_damaged(mngr: ocp.CheckpointManager, step: int, e: Exception) -> None:
+  logging.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
+                  step, mngr.directory, type(e).__name__, str(e)[:300])
 
 
 def abstract_like(tree: PyTree) -> PyTree:

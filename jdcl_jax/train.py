@@ -75,8 +75,7 @@ def _planned_steps(config: ml_collections.ConfigDict) -> int:
 def _abstract_item(ctx: stages.RunContext, name: str, meta: dict) -> Any:
   """Shapes/dtypes/shardings of a checkpoint item, built without allocating (eval_shape)."""
   repl = sharding.replicated(ctx.mesh)
-  params = jax.eval_shape(unet.init_params, ctx.model.config, jax.random.key(0))
-  snap = state_lib.fresh_snapshot(params)
+  params = unet.param_shapes(ctx.model.config)
   if name == "replay":
     n = meta["replay_shape"][0]
     tree = {"x": jax.ShapeDtypeStruct(tuple(meta["replay_shape"]), np.uint8),
@@ -85,7 +84,7 @@ def _abstract_item(ctx: stages.RunContext, name: str, meta: dict) -> Any:
     tree = jax.eval_shape(lambda p: state_lib.new_state(state_lib.fresh_snapshot(p), ctx.tx, 0.),
                           params)
   elif name in ("prev_global", "local"):
-    tree = jax.eval_shape(lambda s: s, snap)
+    tree = jax.eval_shape(state_lib.fresh_snapshot, params)
   else:
     raise ValueError(f"checkpoint has an unknown item {name!r}")
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), tree)

@@ -54,16 +54,17 @@ def test_rerun_of_finished_run_only_reports(finished_run, capsys):
 
 
 def _latest_meta(workdir):
+  """The newest finished checkpoint's meta, or None (also while the writer renames/deletes)."""
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     return None
-  mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  if step is None:
-    return None
   try:
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step()
+    if step is None:
+      return None
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception:  # a step being written right now
+  except Exception:  # pylint: disable=broad-except  (a step being written or garbage-collected)
     return None
 
 
