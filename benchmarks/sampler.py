@@ -29,7 +29,10 @@ def main():
   cfg = common.load_config(a.config)
   for kv in a.set:
     k, v = kv.split("=")
-    cfg.model[k] = type(cfg.model[k])(v)
+    cur = cfg.model[k]
+    # tuples are written "(1,2,2)"; bools must not go through bool("False")
+    cfg.model[k] = (eval(v) if isinstance(cur, tuple) else (v == "True") if isinstance(cur, bool)
+                    else type(cur)(v))
   mcfg = unet.ModelConfig(**cfg.model.to_dict())
   model = unet.JointUNet(mcfg)
   params = unet.init_params(mcfg, jax.random.key(0))

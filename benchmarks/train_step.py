@@ -30,7 +30,10 @@ def main():
   cfg = common.load_config(a.config)
   for kv in a.set:
     k, v = kv.split("=")
-    cfg.model[k] = type(cfg.model[k])(v) if not isinstance(cfg.model[k], tuple) else eval(v)
+    cur = cfg.model[k]
+    # tuples are written "(1,2,2)"; bools must not go through bool("False")
+    cfg.model[k] = (eval(v) if isinstance(cur, tuple) else (v == "True") if isinstance(cur, bool)
+                    else type(cur)(v))
   stage_cfg = cfg.local if a.stage == "local" else cfg.glob
   bs = a.batch or stage_cfg.batch_size
   mcfg = unet.ModelConfig(**cfg.model.to_dict())
