@@ -26,6 +26,15 @@ def load_config(spec: str):
   return mod.get_config(arg) if arg else mod.get_config()
 
 
+def apply_model_overrides(cfg, overrides: list[str]) -> None:
+  """`--set field=value` on cfg.model: tuples written "(1,2,2)", bools "True"/"False"."""
+  for kv in overrides:
+    k, v = kv.split("=", 1)
+    cur = cfg.model[k]
+    cfg.model[k] = (tuple(eval(v)) if isinstance(cur, tuple) else (v == "True")
+                    if isinstance(cur, bool) else type(cur)(v))
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
   for _ in range(warmup):
     jax.block_until_ready(fn())

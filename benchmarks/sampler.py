@@ -27,12 +27,7 @@ def main():
   ap.add_argument("--set", action="append", default=[], help="model field=value override")
   a = ap.parse_args()
   cfg = common.load_config(a.config)
-  for kv in a.set:
-    k, v = kv.split("=")
-    cur = cfg.model[k]
-    # tuples are written "(1,2,2)"; bools must not go through bool("False")
-    cfg.model[k] = (eval(v) if isinstance(cur, tuple) else (v == "True") if isinstance(cur, bool)
-                    else type(cur)(v))
+  common.apply_model_overrides(cfg, a.set)
   mcfg = unet.ModelConfig(**cfg.model.to_dict())
   model = unet.JointUNet(mcfg)
   params = unet.init_params(mcfg, jax.random.key(0))

@@ -28,12 +28,7 @@ def main():
   ap.add_argument("--set", action="append", default=[], help="model field=value override")
   a = ap.parse_args()
   cfg = common.load_config(a.config)
-  for kv in a.set:
-    k, v = kv.split("=")
-    cur = cfg.model[k]
-    # tuples are written "(1,2,2)"; bools must not go through bool("False")
-    cfg.model[k] = (eval(v) if isinstance(cur, tuple) else (v == "True") if isinstance(cur, bool)
-                    else type(cur)(v))
+  common.apply_model_overrides(cfg, a.set)
   stage_cfg = cfg.local if a.stage == "local" else cfg.glob
   bs = a.batch or stage_cfg.batch_size
   mcfg = unet.ModelConfig(**cfg.model.to_dict())

@@ -21,6 +21,7 @@ from jdcl_jax import steps
 from jdcl_jax.cl import metrics as cl_metrics
 from jdcl_jax.cl import replay as replay_lib
 from jdcl_jax.data import batching
+from jdcl_jax.data import scenario
 from jdcl_jax.models import unet
 
 PyTree = Any
@@ -145,10 +146,6 @@ def _maybe_restart_ema(snap: state_lib.Snapshot,
   return snap if cfg.ema_continue else state_lib.fresh_snapshot(snap.params)
 
 
-def class_mask(classes: list[int], num_classes: int) -> jax.Array:
-  return jnp.zeros((num_classes,), bool).at[jnp.asarray(classes, jnp.int32)].set(True)
-
-
 def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
                  local: state_lib.Snapshot, replay: dict, st: Optional[state_lib.TrainState],
                  meta: dict) -> tuple[state_lib.Snapshot, dict]:
@@ -160,7 +157,8 @@ def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   old = [c for j in range(task) for c in ctx.tasks[j]]
   cls_start = int(task_value(cfg, "cls_start_step", task))
   cls_kd_start = 0 if task_value(cfg, "cls_kd_no_wait", task) else cls_start
-  extra = (prev.params, local.params, class_mask(old, k), class_mask(ctx.tasks[task], k),
+  extra = (prev.params, local.params, jnp.asarray(scenario.class_mask(old, k)),
+           jnp.asarray(scenario.class_mask(ctx.tasks[task], k)),
            jnp.asarray(cls_start, jnp.int32), jnp.asarray(cls_kd_start, jnp.int32))
   items = {"prev_global": prev, "local": local, "replay": replay}
   st, meta = _train_loop(ctx, st, "global", task, task_value(cfg, "steps", task),

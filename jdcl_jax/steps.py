@@ -29,11 +29,6 @@ def stage_rng(seed: int, task: int, stage: str) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, task), stage_id)
 
 
-def normalize(images_u8: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
-  return images_u8.astype(jnp.float32) / 127.5 - 1.0
-
-
 def two_views(rng: jax.Array, images_u8: jax.Array, diff_cfg: ml_collections.ConfigDict,
               cls_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   """The diffusion view x^w and the classifier view x^s of the same images (spec 5.3)."""
@@ -100,7 +95,7 @@ def global_step(st: state_lib.TrainState, images_u8: jax.Array, labels: jax.Arra
 
 def eval_logits(params: PyTree, images_u8: jax.Array, *, model: Any) -> jax.Array:
   """Classifier logits on clean test images at t = 0, dropout off."""
-  return model.apply({"params": params}, normalize(images_u8), train=False,
+  return model.apply({"params": params}, augment.normalize(images_u8), train=False,
                      method=type(model).classify)
 
 
