@@ -135,7 +135,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 3   # >= 2 so a damaged latest step can fall back (JAX_STACK 5)
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1               # devices along the data axis (-1 = all)
+  c.mesh.data = -1               # devices along the data axis of the train steps (-1 = all)
+  # Devices for the forward-only work (replay sampling + labelling, evaluation): no gradient
+  # all-reduce there, so on CPU it pays to split it over more devices than the train steps use.
+  c.mesh.sample_data = -1
+  # On the CPU backend: virtual CPU devices to create (0 = one per core, rounded down
+  # to a power of two, at most 8; 1 = a single device).
+  # XLA:CPU runs each small conv on one thread; one device per core runs the batch shards in
+  # parallel (digits DDIM: 1.4-1.6x on 2 cores, benchmarks/README.md). Ignored off CPU and when
+  # XLA_FLAGS already sets --xla_force_host_platform_device_count.
+  c.mesh.cpu_devices = 0
 
   c.compilation_cache = True     # persistent XLA cache (in ~/.cache/jdcl_jax/xla): repeat runs skip compiles
   return c

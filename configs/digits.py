@@ -50,4 +50,9 @@ def get_config(arg=None):
   c.eval.batch_size = 360
   c.log.every_steps = 50
   c.checkpoint.every_steps = 200
+  # Train steps on one device, replay sampling and evaluation over all of them (on CPU: one
+  # virtual device per core, mesh.cpu_devices). Measured on 2 cores (benchmarks/README.md):
+  # 2-way data-parallel train steps were no faster (local) or slower (global KD): the gradient
+  # all-reduce between CPU devices costs what the parallel convs save; DDIM ran 1.4-1.6x faster.
+  c.mesh.data = 1
   return c

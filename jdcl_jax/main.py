@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # TF is imported by CLU for
 
 import jax  # noqa: E402
 
-from jdcl_jax import train  # noqa: E402
+from jdcl_jax import sharding, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).",
                                           lock_config=True)
@@ -23,12 +23,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  config = _CONFIG.value
+  # Before any JAX computation: the CPU client is built once, with this many devices.
+  sharding.configure_cpu_devices(int(config.mesh.cpu_devices))
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS") \
       or os.environ.get("TPU_WORKER_HOSTNAMES"):
     jax.distributed.initialize()      # multi-process: must precede every other JAX call
   # Orbax logs every save at INFO; keep the console for progress and metrics.
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
-  config = _CONFIG.value
   if config.compilation_cache:
     # Repeat runs (resume after preemption, the same demo twice) skip XLA compiles.
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jdcl_jax/xla"))

@@ -36,14 +36,15 @@ class RunContext:
   workdir: str
   model: unet.JointUNet
   sched: Any
-  mesh: jax.sharding.Mesh
+  mesh: jax.sharding.Mesh          # train steps
+  sample_mesh: jax.sharding.Mesh   # forward-only work: replay sampling/labelling, evaluation
   data: Any                       # data.sources.ArrayDataset
   tasks: list[list[int]]
   mngr: Any                       # orbax CheckpointManager
   writer: Any                     # clu MetricWriter
   hooks: tuple[Callable[[int], None], ...]   # CLU periodic actions, called with the run step
   local_step: Callable
-  global_step: Callable
+  global_fns: steps.GlobalFns     # teachers/inputs fn + student step (steps.jit_global)
   eval_fn: Callable
   tx: Any
 
@@ -60,20 +61,14 @@ def init_snapshot(ctx: RunContext, task: int) -> state_lib.Snapshot:
 
 
 def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int,
-                num_steps: int, images: np.ndarray, labels: np.ndarray, extra: tuple,
-                meta: dict, save_items: dict) -> tuple[state_lib.TrainState, dict]:
-  """Run `num_steps` steps from `st.step`; log, checkpoint and call hooks along the way."""
+                num_steps: int, advance: Callable, meta: dict,
+                save_items: dict) -> tuple[state_lib.TrainState, dict]:
+  """Run `num_steps` steps from `st.step` with `advance(st, step) -> (st, metrics)`; log,
+  checkpoint and call hooks along the way."""
   cfg = ctx.config
-  step_fn = ctx.local_step if stage == "local" else ctx.global_step
-  bs = (cfg.local if stage == "local" else cfg.glob).batch_size
-  rng = steps.stage_rng(cfg.seed, task, stage)
-  data_sh = sharding.data_sharded(ctx.mesh)
   t0, window = time.time(), []
   for step in range(int(st.step), num_steps):
-    idx = host_slice(batching.batch_indices(cfg.seed, task, stage, step, len(labels), bs))
-    x = batching.to_global_batch(images[idx], data_sh)
-    y = batching.to_global_batch(labels[idx].astype(np.int32), data_sh)
-    st, m = step_fn(st, x, y, rng, *extra)
+    st, m = advance(st, step)
     window.append(m)
     run_step = meta["total_steps"] + step + 1
     for hook in ctx.hooks:
@@ -86,6 +81,53 @@ def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int
       checkpointing.save(ctx.mngr, {**meta, "step": step + 1}, {**save_items, "state": st})
   meta = {**meta, "total_steps": meta["total_steps"] + num_steps}
   return st, meta
+
+
+def _batch(ctx: RunContext, stage: str, task: int, step: int, images: np.ndarray,
+           labels: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
+  """Global batch `step` of a stage (a function of seed, task, stage, step), split on `mesh`."""
+  cfg = ctx.config
+  bs = (cfg.local if stage == "local" else cfg.glob).batch_size
+  idx = host_slice(batching.batch_indices(cfg.seed, task, stage, step, len(labels), bs))
+  data_sh = sharding.data_sharded(mesh)
+  return (batching.to_global_batch(images[idx], data_sh),
+          batching.to_global_batch(labels[idx].astype(np.int32), data_sh))
+
+
+def _local_advance(ctx: RunContext, task: int, images: np.ndarray,
+                   labels: np.ndarray) -> Callable:
+  rng = steps.stage_rng(ctx.config.seed, task, "local")
+
+  def advance(st, step):
+    x, y = _batch(ctx, "local", task, step, images, labels, ctx.mesh)
+    return ctx.local_step(st, x, y, rng)
+  return advance
+
+
+def _global_advance(ctx: RunContext, task: int, images: np.ndarray, labels: np.ndarray,
+                    teachers: tuple, gates: tuple, num_steps: int) -> Callable:
+  """Student steps fed by the teachers' outputs, computed one step ahead.
+
+  The inputs of step s+1 are dispatched before the student step s, so devices that can run
+  concurrently overlap them (virtual CPU devices of one process measured no overlap, see
+  steps.global_inputs). The inputs depend only on (seed, task, step), so resuming and
+  pipelining change no number.
+  """
+  fns = ctx.global_fns
+  rng = steps.stage_rng(ctx.config.seed, task, "global")
+  teachers = tuple(sharding.to_mesh(p, fns.inputs_mesh) for p in teachers)
+  pending = {}
+
+  def prepare(step):
+    x, y = _batch(ctx, "global", task, step, images, labels, fns.inputs_mesh)
+    return fns.inputs_fn(x, y, rng, jnp.asarray(step, jnp.int32), *teachers)
+
+  def advance(st, step):
+    inputs = pending.pop(step) if step in pending else prepare(step)
+    if step + 1 < num_steps:
+      pending[step + 1] = prepare(step + 1)
+    return fns.step_fn(st, inputs, *gates)
+  return advance
 
 
 def host_slice(a: np.ndarray) -> np.ndarray:
@@ -109,8 +151,9 @@ def local_stage(ctx: RunContext, task: int, prev: Optional[state_lib.Snapshot],
     st = state_lib.new_state(_maybe_restart_ema(start, cfg), ctx.tx, task_value(cfg, "lr", task))
   idx = np.flatnonzero(np.isin(ctx.data.y_train, ctx.tasks[task]))
   items = {"prev_global": prev} if prev is not None else {}
-  st, meta = _train_loop(ctx, st, "local", task, task_value(cfg, "steps", task),
-                         ctx.data.x_train[idx], ctx.data.y_train[idx], (), meta, items)
+  advance = _local_advance(ctx, task, ctx.data.x_train[idx], ctx.data.y_train[idx])
+  st, meta = _train_loop(ctx, st, "local", task, task_value(cfg, "steps", task), advance,
+                         meta, items)
   return st.snapshot(), meta
 
 
@@ -119,14 +162,16 @@ def replay_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   """The synthetic set: old classes from G_{k-1}, new classes from L_k, exact quotas."""
   cfg = ctx.config.replay
   shape = ctx.data.x_train.shape[1:]
-  gen = replay_lib.make_generate_fn(ctx.model, ctx.sched, cfg, shape, ctx.mesh)
+  gen = replay_lib.make_generate_fn(ctx.model, ctx.sched, cfg, shape, ctx.sample_mesh)
   rng = steps.stage_rng(ctx.config.seed, task, "replay")
   old = [c for k in range(task) for c in ctx.tasks[k]]
   parts, stats = [], {}
   for role, snap, classes, scale in (("old", prev, old, cfg.fill_scale_old),
                                      ("new", local, ctx.tasks[task], cfg.fill_scale_new)):
-    sample_p = snap.ema_params if cfg.sample_with_ema else snap.params
-    label_p = snap.ema_params if cfg.label_with_ema else snap.params
+    # Placed on the sampling mesh once, not re-transferred for every generated batch.
+    sample_p, label_p = (sharding.to_mesh(p, ctx.sample_mesh) for p in (
+        snap.ema_params if cfg.sample_with_ema else snap.params,
+        snap.ema_params if cfg.label_with_ema else snap.params))
     t0 = time.time()
     x, y, s = replay_lib.generate_class_set(
         gen, sample_p, label_p, classes, cfg.samples_per_class,
@@ -157,12 +202,14 @@ def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   old = [c for j in range(task) for c in ctx.tasks[j]]
   cls_start = int(task_value(cfg, "cls_start_step", task))
   cls_kd_start = 0 if task_value(cfg, "cls_kd_no_wait", task) else cls_start
-  extra = (prev.params, local.params, jnp.asarray(scenario.class_mask(old, k)),
+  gates = (jnp.asarray(scenario.class_mask(old, k)),
            jnp.asarray(scenario.class_mask(ctx.tasks[task], k)),
            jnp.asarray(cls_start, jnp.int32), jnp.asarray(cls_kd_start, jnp.int32))
+  num_steps = task_value(cfg, "steps", task)
+  advance = _global_advance(ctx, task, replay["x"], replay["y"], (prev.params, local.params),
+                            gates, num_steps)
   items = {"prev_global": prev, "local": local, "replay": replay}
-  st, meta = _train_loop(ctx, st, "global", task, task_value(cfg, "steps", task),
-                         replay["x"], replay["y"], extra, meta, items)
+  st, meta = _train_loop(ctx, st, "global", task, num_steps, advance, meta, items)
   return st.snapshot(), meta
 
 
@@ -181,7 +228,8 @@ def evaluate(ctx: RunContext, snap: state_lib.Snapshot, upto: int) -> dict[str, 
 def predict(ctx: RunContext, params: PyTree, x: np.ndarray) -> np.ndarray:
   """argmax predictions in fixed-size padded batches (one compiled program)."""
   bs = ctx.config.eval.batch_size
-  data_sh = sharding.data_sharded(ctx.mesh)
+  data_sh = sharding.data_sharded(ctx.sample_mesh)
+  params = sharding.to_mesh(params, ctx.sample_mesh)
   preds = []
   for i in range(0, len(x), bs):
     chunk = x[i:i + bs]

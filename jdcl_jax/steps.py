@@ -7,7 +7,7 @@ numbers. Augmentation runs inside the step, on the accelerator.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import optax
 from jdcl_jax import state as state_lib
 from jdcl_jax.data import augment
 from jdcl_jax.diffusion import losses
+from jdcl_jax.diffusion.schedule import q_sample
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -62,35 +63,87 @@ def local_step(st: state_lib.TrainState, images_u8: jax.Array, labels: jax.Array
   return new, {**terms, "loss": loss, "lr": st.opt_state.hyperparams["learning_rate"]}
 
 
-def global_step(st: state_lib.TrainState, images_u8: jax.Array, labels: jax.Array,
-                rng: jax.Array, old_params: PyTree, new_params: PyTree, old_mask: jax.Array,
-                new_mask: jax.Array, cls_start: jax.Array, cls_kd_start: jax.Array, *, model: Any,
-                tx: optax.GradientTransformation, sched: Any,
+def global_inputs(images_u8: jax.Array, labels: jax.Array, rng: jax.Array, step: jax.Array,
+                  old_params: PyTree, new_params: PyTree, *, model: Any, sched: Any,
+                  cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Everything global step `step` needs that does not depend on the student: the two views,
+  t, noise, the loss key and both frozen teachers' outputs (spec 3.2).
+
+  Split from `global_step` so it can run a step ahead, on devices the student step does not
+  use (stages.py): the teachers cost ~40 % of the KD step and never wait for the student.
+  Measured on the 2-core CPU host: programs on two virtual CPU devices of one process did not
+  overlap (two 31 ms programs: 58 ms on two devices, 63 ms on one), so there the split buys
+  nothing yet; the numbers are unchanged either way (tests/test_steps.py).
+  """
+  k_view, k_loss = jax.random.split(jax.random.fold_in(rng, step))
+  x_diff, x_cls = two_views(k_view, images_u8, cfg.diffusion_view, cfg.classifier_view)
+  k_draw, k_model = jax.random.split(k_loss)       # as losses.kd_loss splits its key
+  t, noise = losses.draw_t_noise(k_draw, x_diff, sched)
+  x_noisy = q_sample(sched, x_diff, t, noise)
+  targets = losses.kd_targets(model, old_params, new_params, x_noisy, t, x_cls, k_model,
+                              cfg.teacher_dropout)
+  return {"x_diff": x_diff, "x_cls": x_cls, "label": labels, "t": t, "noise": noise,
+          "rng": k_model, "targets": targets}
+
+
+def global_step(st: state_lib.TrainState, inputs: dict[str, Any], old_mask: jax.Array,
+                new_mask: jax.Array, cls_start: jax.Array, cls_kd_start: jax.Array, *,
+                model: Any, tx: optax.GradientTransformation, sched: Any,
                 cfg: ml_collections.ConfigDict) -> tuple[state_lib.TrainState, Metrics]:
-  """One global (KD) step on synthetic data with the two frozen teachers (spec 3.2).
+  """One global (KD) step of the student on `global_inputs(..., step=st.step)`.
 
   `old_mask`/`new_mask` are length-K class masks and `cls_start`/`cls_kd_start` the warm-up
   lengths of the CE and classifier-KD terms, all traced, so one compiled step serves every task.
   """
-  k_view, k_loss = jax.random.split(jax.random.fold_in(rng, st.step))
-  x_diff, x_cls = two_views(k_view, images_u8, cfg.diffusion_view, cfg.classifier_view)
-  batch = {"x_diff": x_diff, "x_cls": x_cls, "label": labels}
+  batch = {k: inputs[k] for k in ("x_diff", "x_cls", "label")}
   # Intended warm-up semantics (spec 8.1.3): classification terms start at a training-step count.
   cls_active = st.step >= cls_start
   weights = losses.KDWeights(simple=cfg.simple_weight, ce=cfg.ce_weight, kd=cfg.kd_weight,
                              cls_kd=cfg.cls_kd_weight)
 
   def loss_fn(p):
-    return losses.kd_loss(model, p, old_params, new_params, batch, k_loss, sched,
-                          old_class_mask_K=old_mask, new_class_mask_K=new_mask,
-                          cls_active=cls_active, cls_kd_active=st.step >= cls_kd_start,
-                          weights=weights, pi_weighting=cfg.pi_weighting,
-                          teacher_train=cfg.teacher_dropout)
+    return losses.kd_terms(model, p, None, None, batch, inputs["t"], inputs["noise"],
+                           inputs["rng"], sched, old_class_mask_K=old_mask,
+                           new_class_mask_K=new_mask, cls_active=cls_active,
+                           cls_kd_active=st.step >= cls_kd_start, weights=weights,
+                           pi_weighting=cfg.pi_weighting, teacher_train=cfg.teacher_dropout,
+                           targets=inputs["targets"])
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
   new = _apply_update(st, grads, tx, cfg.ema_decay, True)
   return new, {**terms, "loss": loss, "lr": st.opt_state.hyperparams["learning_rate"],
                "cls_active": cls_active.astype(jnp.float32)}
+
+
+class GlobalFns(NamedTuple):
+  inputs_fn: Callable                    # jitted global_inputs, on inputs_mesh
+  step_fn: Callable                      # jitted global_step, on the train mesh
+  inputs_mesh: jax.sharding.Mesh
+
+
+def jit_global(mesh: jax.sharding.Mesh, inputs_mesh: jax.sharding.Mesh,
+               **static: Any) -> GlobalFns:
+  """`global_inputs` jitted on `inputs_mesh`, `global_step` on `mesh`.
+
+  Batch-shaped values are split over each mesh's data axis; keys, teachers, masks and the
+  state are replicated. JAX moves the inputs between the meshes when they differ.
+  """
+  from jdcl_jax import sharding
+  shardings = {}
+  for name, m in (("inputs", inputs_mesh), ("step", mesh)):
+    repl, data = sharding.replicated(m), sharding.data_sharded(m)
+    shardings[name] = (repl, data, {"x_diff": data, "x_cls": data, "label": data, "t": data,
+                                    "noise": data, "rng": repl,
+                                    "targets": losses.KDTargets(data, data, data, data)})
+  repl, data, tree = shardings["inputs"]
+  inputs_fn = jax.jit(functools.partial(global_inputs, model=static["model"],
+                                        sched=static["sched"], cfg=static["cfg"]),
+                      in_shardings=(data, data, repl, repl, repl, repl), out_shardings=tree)
+  repl, _, tree = shardings["step"]
+  step_fn = jax.jit(functools.partial(global_step, **static),
+                    in_shardings=(repl, tree, repl, repl, repl, repl),
+                    out_shardings=(repl, repl), donate_argnums=0)
+  return GlobalFns(inputs_fn, step_fn, inputs_mesh)
 
 
 def eval_logits(params: PyTree, images_u8: jax.Array, *, model: Any) -> jax.Array:
@@ -105,7 +158,7 @@ def jit_step(fn: Callable, mesh: jax.sharding.Mesh, num_replicated_extra: int = 
 
   state: replicated in and out, donated (it is replaced every step);
   images, labels: split along the batch over the "data" axis;
-  rng and the extra arguments (teachers, masks): replicated;
+  rng and the extra arguments: replicated;
   metrics: replicated scalars.
   """
   from jdcl_jax import sharding  # local import keeps this module free of mesh state

@@ -37,10 +37,12 @@ def _build_context(config: ml_collections.ConfigDict, workdir: str) -> stages.Ru
   config_check.check_data(config, data)
   tasks = scenario.task_classes(data.num_classes, config.cl.num_tasks, config.cl.class_order_seed)
   mesh = sharding.make_mesh(config.mesh.data)
-  for what, bs in (("local.batch_size", config.local.batch_size),
-                   ("glob.batch_size", config.glob.batch_size),
-                   ("eval.batch_size", config.eval.batch_size)):
-    sharding.check_batch_divisible(bs, mesh, what)
+  sample_mesh = sharding.make_mesh(config.mesh.sample_data)
+  for what, bs, m in (("local.batch_size", config.local.batch_size, mesh),
+                      ("glob.batch_size", config.glob.batch_size, mesh),
+                      ("eval.batch_size", config.eval.batch_size, sample_mesh),
+                      ("replay.sample_batch_size", config.replay.sample_batch_size, sample_mesh)):
+    sharding.check_batch_divisible(bs, m, what)
   model = unet.JointUNet(unet.ModelConfig(**config.model.to_dict()))
   sched = schedule_lib.make_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start,
                                      config.diffusion.beta_end)
@@ -54,14 +56,18 @@ def _build_context(config: ml_collections.ConfigDict, workdir: str) -> stages.Ru
     hooks.append(periodic_actions.Profile(num_profile_steps=config.log.profile_steps,
                                           logdir=workdir))
   return stages.RunContext(
-      config=config, workdir=workdir, model=model, sched=sched, mesh=mesh, data=data,
+      config=config, workdir=workdir, model=model, sched=sched, mesh=mesh,
+      sample_mesh=sample_mesh, data=data,
       tasks=tasks, mngr=checkpointing.make_manager(workdir, config.checkpoint.max_to_keep),
       writer=writer, hooks=tuple(hooks), tx=tx,
       local_step=steps.jit_step(steps.local_step, mesh, cfg=config.local, **static),
-      global_step=steps.jit_step(steps.global_step, mesh, 6, cfg=config.glob, **static),
+      global_fns=steps.jit_global(
+          mesh, sharding.spare_mesh(mesh, sample_mesh, config.glob.batch_size),
+          cfg=config.glob, **static),
       eval_fn=jax.jit(functools.partial(steps.eval_logits, model=model),
-                      in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
-                      out_shardings=sharding.data_sharded(mesh)))
+                      in_shardings=(sharding.replicated(sample_mesh),
+                                    sharding.data_sharded(sample_mesh)),
+                      out_shardings=sharding.data_sharded(sample_mesh)))
 
 
 def _planned_steps(config: ml_collections.ConfigDict) -> int:

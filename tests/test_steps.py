@@ -1,5 +1,7 @@
 """Train steps: one compiled program serves every task (no retrace on new masks, warm-up, lr),
 EMA rule, and determinism of the step given (seed, task, stage, step)."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import pytest
 
 from configs import tiny
 from jdcl_jax import sharding, state as state_lib, steps
-from jdcl_jax.diffusion import schedule
+from jdcl_jax.diffusion import losses, schedule
 from jdcl_jax.models import unet
 
 
@@ -26,17 +28,45 @@ def setup():
 
 def test_global_step_compiles_once_for_all_tasks(setup):
   c, model, sched, tx, params, x, y = setup
-  traced = chex.assert_max_traces(steps.global_step, n=1)
-  fn = steps.jit_step(traced, sharding.make_mesh(1), 6, model=model, tx=tx, sched=sched,
-                      cfg=c.glob)
+  traced_inputs = chex.assert_max_traces(steps.global_inputs, n=1)
+  traced_step = chex.assert_max_traces(steps.global_step, n=1)
+  mesh = sharding.make_mesh(1)
+  fns = steps.jit_global(mesh, mesh, model=model, tx=tx, sched=sched, cfg=c.glob)
+  fns = fns._replace(
+      inputs_fn=jax.jit(functools.partial(traced_inputs, model=model, sched=sched, cfg=c.glob)),
+      step_fn=jax.jit(functools.partial(traced_step, model=model, tx=tx, sched=sched,
+                                        cfg=c.glob)))
   for task, lr in ((1, 2e-4), (2, 2e-5), (3, 2e-4)):
     old = jnp.arange(10) < 2 * task
     new = (jnp.arange(10) >= 2 * task) & (jnp.arange(10) < 2 * task + 2)
     st = state_lib.new_state(state_lib.fresh_snapshot(params), tx, lr)
-    st, m = fn(st, x, y, steps.stage_rng(0, task, "global"), params, params, old, new,
-               jnp.int32(task), jnp.int32(0))
+    for step in range(2):
+      inputs = fns.inputs_fn(x, y, steps.stage_rng(0, task, "global"), jnp.int32(step),
+                             params, params)
+      st, m = fns.step_fn(st, inputs, old, new, jnp.int32(task), jnp.int32(0))
     assert np.isfinite(float(m["loss"]))
     assert float(m["lr"]) == pytest.approx(lr)
+
+
+def test_global_inputs_equal_the_inline_kd_loss(setup):
+  """Teachers computed apart (as the pipelined engine does) give kd_loss's exact numbers."""
+  c, model, sched, tx, params, x, y = setup
+  other = jax.tree.map(lambda p: p * 0.9, params)
+  old, new = jnp.arange(10) < 4, (jnp.arange(10) >= 4) & (jnp.arange(10) < 6)
+  rng, step = steps.stage_rng(5, 2, "global"), 3
+  inputs = steps.global_inputs(x, y, rng, jnp.int32(step), params, other, model=model,
+                               sched=sched, cfg=c.glob)
+  kw = dict(old_class_mask_K=old, new_class_mask_K=new, cls_active=True,
+            weights=losses.KDWeights(0.01, 1e-5, 1.0, 1e-3), teacher_train=False)
+  _, k_loss = jax.random.split(jax.random.fold_in(rng, step))
+  batch = {k: inputs[k] for k in ("x_diff", "x_cls", "label")}
+  inline, t_inline = losses.kd_loss(model, params, params, other, batch, k_loss, sched, **kw)
+  apart, t_apart = losses.kd_terms(model, params, None, None, batch, inputs["t"],
+                                   inputs["noise"], inputs["rng"], sched,
+                                   targets=inputs["targets"], **kw)
+  assert float(inline) == pytest.approx(float(apart), rel=1e-6)
+  for name in ("eps_mse_old", "eps_mse_new", "softce_old", "softce_new", "n_old", "n_new"):
+    assert float(t_inline[name]) == pytest.approx(float(t_apart[name]), rel=1e-6), name
 
 
 def test_local_step_is_deterministic_and_updates_ema(setup):

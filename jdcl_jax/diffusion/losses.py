@@ -64,7 +64,8 @@ def masked_mean(values_B: jax.Array, mask_B: jax.Array) -> jax.Array:
   return jnp.sum(mask_B * values_B) / jnp.maximum(n, 1.0)
 
 
-def _draw_t_noise(rng: jax.Array, x: jax.Array, sched: Schedule):
+def draw_t_noise(rng: jax.Array, x: jax.Array, sched: Schedule) -> tuple[jax.Array, jax.Array]:
+  """t ~ U{0..T-1} per sample and noise ~ N(0, I) shaped like x, as every `*_loss` draws them."""
   k_t, k_noise = jax.random.split(rng)
   t = sample_timesteps(k_t, x.shape[0], sched.num_timesteps)
   return t, jax.random.normal(k_noise, x.shape, x.dtype)
@@ -106,7 +107,7 @@ def local_loss(model: nn.Module, params: Params, batch: Batch, rng: jax.Array,
                train: bool = True) -> tuple[jax.Array, Terms]:
   """`local_terms` with t ~ U{0..T-1} and eps ~ N(0, I) drawn from rng."""
   k_draw, k_model = jax.random.split(rng)
-  t, noise = _draw_t_noise(k_draw, batch["x_diff"], sched)
+  t, noise = draw_t_noise(k_draw, batch["x_diff"], sched)
   return local_terms(model, params, batch, t, noise, k_model, sched,
                      cls_weight=cls_weight, train=train)
 
@@ -123,6 +124,27 @@ def _teacher_outputs(model, teacher_params, x_noisy, t, x_cls, rng, train):
   eps = eps_pass(model, teacher_params, x_noisy, t, k_eps, train)
   probs = jax.nn.softmax(logits_pass(model, teacher_params, x_cls, k_cls, train), axis=-1)
   return jax.lax.stop_gradient(eps), jax.lax.stop_gradient(probs)
+
+
+class KDTargets(NamedTuple):
+  """The frozen teachers' outputs for one global-stage batch (no gradient flows into them)."""
+  eps_old: jax.Array     # eps of G_{k-1} on x_t
+  probs_old: jax.Array   # softmax of G_{k-1}'s logits on x^s
+  eps_new: jax.Array     # eps of L_k on x_t
+  probs_new: jax.Array   # softmax of L_k's logits on x^s
+
+
+def kd_targets(model: nn.Module, old_params: Params, new_params: Params, x_noisy: jax.Array,
+               t: jax.Array, x_cls: jax.Array, rng: jax.Array,
+               teacher_train: bool) -> KDTargets:
+  """Both teachers on the whole batch. `rng` is the key `kd_terms` gets, split the same way,
+  so targets computed apart (a step ahead, on another device) equal the inline ones."""
+  _, _, k_old, k_new = jax.random.split(rng, 4)
+  eps_old, probs_old = _teacher_outputs(model, old_params, x_noisy, t, x_cls, k_old,
+                                        teacher_train)
+  eps_new, probs_new = _teacher_outputs(model, new_params, x_noisy, t, x_cls, k_new,
+                                        teacher_train)
+  return KDTargets(eps_old, probs_old, eps_new, probs_new)
 
 
 def _subset_weights(labels_B, old_class_mask_K, new_class_mask_K, pi_weighting):
@@ -148,7 +170,8 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
              cls_active: jax.Array | bool | float, weights: KDWeights | Mapping[str, float],
              teacher_train: bool, train: bool = True,
              cls_kd_active: jax.Array | bool | float | None = None,
-             pi_weighting: bool = True) -> tuple[jax.Array, Terms]:
+             pi_weighting: bool = True,
+             targets: KDTargets | None = None) -> tuple[jax.Array, Terms]:
   """Global-stage loss of spec 3.2 on a batch of generated samples.
 
   Args:
@@ -165,18 +188,19 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
     cls_kd_active: separate gate for the logit-KD term (CIFAR-100 t9's
       no_wait_kl_classification); None means `cls_active`.
     pi_weighting: static; False gives pi_o = pi_n = 1 (paper_branch).
+    targets: the teachers' outputs from `kd_targets` (same batch, t, noise, rng) when they
+      were computed elsewhere; then old_params/new_params are not used.
   """
   if isinstance(weights, Mapping):
     weights = KDWeights(**weights)
-  k_s_eps, k_s_cls, k_old, k_new = jax.random.split(rng, 4)
+  k_s_eps, k_s_cls, _, _ = jax.random.split(rng, 4)
   labels, x_cls = batch["label"], batch["x_cls"]
   eps, x_noisy, mse_B = _diffusion_terms(model, params, batch["x_diff"], t, noise, k_s_eps,
                                          sched, train)
   logits = logits_pass(model, params, x_cls, k_s_cls, train)
-  eps_old, probs_old = _teacher_outputs(model, old_params, x_noisy, t, x_cls, k_old,
-                                        teacher_train)
-  eps_new, probs_new = _teacher_outputs(model, new_params, x_noisy, t, x_cls, k_new,
-                                        teacher_train)
+  if targets is None:
+    targets = kd_targets(model, old_params, new_params, x_noisy, t, x_cls, rng, teacher_train)
+  eps_old, probs_old, eps_new, probs_new = targets
 
   m_old, m_new, n_old, n_new, pi_old, pi_new = _subset_weights(
       labels, old_class_mask_K, new_class_mask_K, pi_weighting)
@@ -212,7 +236,7 @@ def kd_loss(model: nn.Module, params: Params, old_params: Params, new_params: Pa
             batch: Batch, rng: jax.Array, sched: Schedule, **kwargs) -> tuple[jax.Array, Terms]:
   """`kd_terms` with t and noise drawn from rng; keyword arguments as in `kd_terms`."""
   k_draw, k_model = jax.random.split(rng)
-  t, noise = _draw_t_noise(k_draw, batch["x_diff"], sched)
+  t, noise = draw_t_noise(k_draw, batch["x_diff"], sched)
   return kd_terms(model, params, old_params, new_params, batch, t, noise, k_model, sched,
                   **kwargs)
 
@@ -259,6 +283,6 @@ def fixmatch_loss(model: nn.Module, params: Params, batch: Batch, rng: jax.Array
                   train: bool = True) -> tuple[jax.Array, Terms]:
   """`fixmatch_terms` with t and noise for the unlabelled diffusion view drawn from rng."""
   k_draw, k_model = jax.random.split(rng)
-  t, noise = _draw_t_noise(k_draw, batch["x_diff"], sched)
+  t, noise = draw_t_noise(k_draw, batch["x_diff"], sched)
   return fixmatch_terms(model, params, batch, t, noise, k_model, sched,
                         cls_weight=cls_weight, threshold=threshold, train=train)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdcl_jax.models import norm
 from jdcl_jax.models.conv import Conv, torch_bias_init, torch_uniform_init
 
 Array = jax.Array
@@ -109,12 +110,8 @@ class GroupNorm32(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], _GN_GROUPS, c // _GN_GROUPS)
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)   # spatial axes + channels within a group
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + _GN_EPS)).reshape(x.shape)
-    return (y * scale + bias).astype(x.dtype)
+    y = norm.group_norm(x.astype(jnp.float32), scale, bias, groups=_GN_GROUPS, eps=_GN_EPS)
+    return y.astype(x.dtype)
 
 
 def timestep_embedding(t_B: Array, dim: int) -> Array:
