@@ -19,8 +19,11 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", default="")
   ap.add_argument("--config", default="configs/digits.py")
-  ap.add_argument("overrides", nargs="*", help="extra --config.x=y flags")
-  a = ap.parse_args()
+  a, overrides = ap.parse_known_args()   # the rest: --config.x=y flags for jdcl_jax.main
+  bad = [o for o in overrides if not o.startswith("--config.") and o != "--"]
+  if bad:
+    ap.error(f"unrecognized arguments: {' '.join(bad)}")
+  a.overrides = [o for o in overrides if o != "--"]
   workdir = a.workdir or tempfile.mkdtemp(prefix="jdcl_demo_")
   t0 = time.time()
   subprocess.run([sys.executable, "-m", "jdcl_jax.main", f"--config={a.config}",

@@ -77,7 +77,7 @@ def to_mesh(tree: Any, mesh: Mesh) -> Any:
 def spare_mesh(mesh: Mesh, pool: Mesh, batch_size: int) -> Mesh:
   """A 1-D data mesh over the devices of `pool` that `mesh` does not use, if the batch splits
   evenly over them; otherwise `mesh` itself. Student-independent work (the KD teachers) goes
-  there, to run beside the train step where the runtime overlaps devices."""
+  there, to run beside the train step."""
   used = set(mesh.devices.flat)
   spare = [d for d in pool.devices.flat if d not in used]
   if not spare or batch_size % len(spare) or jax.process_count() > 1:

@@ -108,10 +108,9 @@ def _global_advance(ctx: RunContext, task: int, images: np.ndarray, labels: np.n
                     teachers: tuple, gates: tuple, num_steps: int) -> Callable:
   """Student steps fed by the teachers' outputs, computed one step ahead.
 
-  The inputs of step s+1 are dispatched before the student step s, so devices that can run
-  concurrently overlap them (virtual CPU devices of one process measured no overlap, see
-  steps.global_inputs). The inputs depend only on (seed, task, step), so resuming and
-  pipelining change no number.
+  The inputs of step s+1 are dispatched before the student step s, so on separate devices
+  they overlap it (see steps.global_inputs for what that measured on CPU). The inputs depend
+  only on (seed, task, step), so resuming and pipelining change no number.
   """
   fns = ctx.global_fns
   rng = steps.stage_rng(ctx.config.seed, task, "global")
