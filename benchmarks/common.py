@@ -27,12 +27,17 @@ def load_config(spec: str):
 
 
 def apply_model_overrides(cfg, overrides: list[str]) -> None:
-  """`--set field=value` on cfg.model: tuples written "(1,2,2)", bools "True"/"False"."""
+  """`--set field=value` on cfg.model, or `--set section.field=value` on any config section
+  (e.g. mesh.data=2): tuples written "(1,2,2)", bools "True"/"False"."""
   for kv in overrides:
     k, v = kv.split("=", 1)
-    cur = cfg.model[k]
-    cfg.model[k] = (tuple(eval(v)) if isinstance(cur, tuple) else (v == "True")
-                    if isinstance(cur, bool) else type(cur)(v))
+    *path, k = k.split(".")
+    node = cfg.model if not path else cfg
+    for p in path:
+      node = node[p]
+    cur = node[k]
+    node[k] = (tuple(eval(v)) if isinstance(cur, tuple) else (v == "True")
+               if isinstance(cur, bool) else type(cur)(v))
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

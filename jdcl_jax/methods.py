@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from jdcl_jax import checkpointing
+from jdcl_jax import precompile
 from jdcl_jax import stages
 from jdcl_jax import state as state_lib
 
@@ -77,3 +78,10 @@ def _timed(meta: dict, task: int, stage: str, t0: float) -> dict:
 
 
 METHODS: dict[str, MethodFn] = {"jdcl": jdcl, "finetune": finetune}
+
+# Programs a method needs only after its first stage, compiled in the background meanwhile.
+LATER_PROGRAMS: dict[str, Callable[[stages.RunContext], list[precompile.Job]]] = {
+    "jdcl": lambda ctx: (precompile.replay_jobs(ctx) + precompile.global_jobs(ctx)
+                         if ctx.config.cl.num_tasks > 1 else []),
+    "finetune": lambda ctx: [],
+}

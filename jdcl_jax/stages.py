@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jdcl_jax import checkpointing
+from jdcl_jax import precompile
 from jdcl_jax import sharding
 from jdcl_jax import state as state_lib
 from jdcl_jax import steps
@@ -46,7 +47,9 @@ class RunContext:
   local_step: Callable
   global_fns: steps.GlobalFns     # teachers/inputs fn + student step (steps.jit_global)
   eval_fn: Callable
+  generate_fn: Callable           # replay sampling + labelling (cl/replay.make_generate_fn)
   tx: Any
+  background: Any = None          # Future of the later stages' background compiles (precompile)
 
 
 def task_value(stage_cfg: ml_collections.ConfigDict, key: str, task: int) -> Any:
@@ -147,7 +150,7 @@ def local_stage(ctx: RunContext, task: int, prev: Optional[state_lib.Snapshot],
   cfg = ctx.config.local
   if st is None:
     start = prev if (cfg.init == "prev_global" and prev is not None) else init_snapshot(ctx, task)
-    st = state_lib.new_state(_maybe_restart_ema(start, cfg), ctx.tx, task_value(cfg, "lr", task))
+    st = _new_state(ctx, _maybe_restart_ema(start, cfg), task_value(cfg, "lr", task))
   idx = np.flatnonzero(np.isin(ctx.data.y_train, ctx.tasks[task]))
   items = {"prev_global": prev} if prev is not None else {}
   advance = _local_advance(ctx, task, ctx.data.x_train[idx], ctx.data.y_train[idx])
@@ -160,8 +163,7 @@ def replay_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
                  local: state_lib.Snapshot) -> tuple[dict, dict]:
   """The synthetic set: old classes from G_{k-1}, new classes from L_k, exact quotas."""
   cfg = ctx.config.replay
-  shape = ctx.data.x_train.shape[1:]
-  gen = replay_lib.make_generate_fn(ctx.model, ctx.sched, cfg, shape, ctx.sample_mesh)
+  precompile.wait(ctx.background)
   rng = steps.stage_rng(ctx.config.seed, task, "replay")
   old = [c for k in range(task) for c in ctx.tasks[k]]
   parts, stats = [], {}
@@ -173,13 +175,20 @@ def replay_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
         snap.ema_params if cfg.label_with_ema else snap.params))
     t0 = time.time()
     x, y, s = replay_lib.generate_class_set(
-        gen, sample_p, label_p, classes, cfg.samples_per_class,
+        ctx.generate_fn, sample_p, label_p, classes, cfg.samples_per_class,
         jax.random.fold_in(rng, 0 if role == "old" else 1), cfg, tuple(scale))
     stats[role] = {**s, "seconds": time.time() - t0}
     parts.append((x, y))
   x = np.concatenate([p[0] for p in parts])
   y = np.concatenate([p[1] for p in parts])
   return {"x": x, "y": y}, stats
+
+
+def _new_state(ctx: RunContext, snap: state_lib.Snapshot, lr: float) -> state_lib.TrainState:
+  """A fresh stage state committed to the train mesh, like the states the step returns and
+  the ones restored from checkpoints. Left uncommitted, the optimizer's new scalars made the
+  first call trace and compile the step a second time (~11 s per step function on CPU)."""
+  return sharding.to_mesh(state_lib.new_state(snap, ctx.tx, lr), ctx.mesh)
 
 
 def _maybe_restart_ema(snap: state_lib.Snapshot,
@@ -196,14 +205,16 @@ def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   """Consolidate into G_k: student from G_{k-1} (raw weights, EMA continued), synthetic data
   only, teachers G_{k-1} (old classes) and L_k (new classes)."""
   cfg, k = ctx.config.glob, ctx.model.config.num_classes
+  precompile.wait(ctx.background)
   if st is None:
-    st = state_lib.new_state(_maybe_restart_ema(prev, cfg), ctx.tx, task_value(cfg, "lr", task))
+    st = _new_state(ctx, _maybe_restart_ema(prev, cfg), task_value(cfg, "lr", task))
   old = [c for j in range(task) for c in ctx.tasks[j]]
   cls_start = int(task_value(cfg, "cls_start_step", task))
   cls_kd_start = 0 if task_value(cfg, "cls_kd_no_wait", task) else cls_start
-  gates = (jnp.asarray(scenario.class_mask(old, k)),
-           jnp.asarray(scenario.class_mask(ctx.tasks[task], k)),
-           jnp.asarray(cls_start, jnp.int32), jnp.asarray(cls_kd_start, jnp.int32))
+  gates = sharding.to_mesh((jnp.asarray(scenario.class_mask(old, k)),
+                            jnp.asarray(scenario.class_mask(ctx.tasks[task], k)),
+                            jnp.asarray(cls_start, jnp.int32),
+                            jnp.asarray(cls_kd_start, jnp.int32)), ctx.mesh)
   num_steps = task_value(cfg, "steps", task)
   advance = _global_advance(ctx, task, replay["x"], replay["y"], (prev.params, local.params),
                             gates, num_steps)

@@ -5,6 +5,7 @@ A finished run prints its results and returns without training.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -21,11 +22,13 @@ from clu import periodic_actions
 from jdcl_jax import checkpointing
 from jdcl_jax import config_check
 from jdcl_jax import methods
+from jdcl_jax import precompile
 from jdcl_jax import sharding
 from jdcl_jax import stages
 from jdcl_jax import state as state_lib
 from jdcl_jax import steps
 from jdcl_jax.cl import metrics as cl_metrics
+from jdcl_jax.cl import replay as replay_lib
 from jdcl_jax.data import scenario
 from jdcl_jax.data import sources
 from jdcl_jax.diffusion import schedule as schedule_lib
@@ -67,7 +70,9 @@ def _build_context(config: ml_collections.ConfigDict, workdir: str) -> stages.Ru
       eval_fn=jax.jit(functools.partial(steps.eval_logits, model=model),
                       in_shardings=(sharding.replicated(sample_mesh),
                                     sharding.data_sharded(sample_mesh)),
-                      out_shardings=sharding.data_sharded(sample_mesh)))
+                      out_shardings=sharding.data_sharded(sample_mesh)),
+      generate_fn=replay_lib.make_generate_fn(model, sched, config.replay,
+                                              data.x_train.shape[1:], sample_mesh))
 
 
 def _planned_steps(config: ml_collections.ConfigDict) -> int:
@@ -169,6 +174,9 @@ def _run(ctx: stages.RunContext) -> dict:
     logging.info("resuming: task %d, phase %s, step %d", meta["task"] + 1, meta["phase"],
                  meta["step"])
   method = methods.METHODS[config.method]
+  if meta["task"] < config.cl.num_tasks:
+    jobs = functools.partial(methods.LATER_PROGRAMS[config.method], ctx)
+    ctx = dataclasses.replace(ctx, background=precompile.start(jobs))
   t_start, wall0 = time.time(), meta["wall_time_s"]
   for task in range(meta["task"], config.cl.num_tasks):
     glob, meta = method(ctx, task, meta, items)

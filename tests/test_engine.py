@@ -1,4 +1,5 @@
 """End to end on the tiny config: the whole task sequence, results, logs, kill-and-resume."""
+import collections
 import glob
 import json
 import os
@@ -26,10 +27,31 @@ def _config():
   return c
 
 
+TRACES = collections.Counter()     # jitted function name -> traces during `finished_run`
+
+
+def _count_trace(event, duration, fun_name=None, **kw):
+  del duration, kw
+  if event == "/jax/core/compile/jaxpr_trace_duration":   # jax._src.dispatch.JAXPR_TRACE_EVENT
+    TRACES[fun_name] += 1
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny"))
-  return workdir, train.train_and_evaluate(_config(), workdir)
+  jax.monitoring.register_event_duration_secs_listener(_count_trace)
+  try:
+    return workdir, train.train_and_evaluate(_config(), workdir)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(_count_trace)
+
+
+def test_each_program_traced_once_per_run(finished_run):
+  # Both tasks' local stages, the global stage, replay and every evaluation share one trace
+  # (and so one compile) per program. A fresh state that was not committed to the mesh like
+  # the step's own outputs once cost a second trace + compile of each train step.
+  for name in ("local_step", "global_inputs", "global_step", "_generate", "eval_logits"):
+    assert TRACES[name] == 1, (name, dict(TRACES))
 
 
 def test_results_json_and_event_files(finished_run):
@@ -70,17 +92,25 @@ def _latest_meta(workdir):
 
 def _main_cmd(workdir):
   return [sys.executable, "-m", "jdcl_jax.main", f"--config=configs/tiny.py:{ARG}",
-          f"--workdir={workdir}", "--config.compilation_cache=False"]
+          f"--workdir={workdir}", "--config.compilation_cache=False", "--config.mesh.data=-1"]
 
 
-def test_sigkill_in_global_stage_then_resume_gives_same_matrix(finished_run, tmp_path):
-  _, reference = finished_run
+def test_sigkill_in_global_stage_then_resume_gives_same_matrix(tmp_path):
+  """On 2 (virtual CPU) devices with data-parallel train steps (mesh.data=-1), so that path
+  runs end to end too: an uninterrupted run, then one killed in its global stage and resumed,
+  give the same matrices."""
   workdir = str(tmp_path / "killed")
   # Share the test session's persistent XLA cache so the subprocesses skip most compiles.
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  done = subprocess.run(_main_cmd(str(tmp_path / "whole")), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "devices: [CpuDevice(id=0), CpuDevice(id=1)]" in done.stderr
+  reference = json.loads(Path(tmp_path, "whole", "results.json").read_text())
   proc = subprocess.Popen(_main_cmd(workdir), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   killed_meta, deadline = None, time.time() + 600

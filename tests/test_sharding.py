@@ -14,36 +14,75 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 SCRIPT = r"""
-import json, jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh
+import json, re, jax, jax.numpy as jnp, numpy as np
 from configs import tiny
 from jdcl_jax import sharding, state as state_lib, steps
 from jdcl_jax.diffusion import schedule
 from jdcl_jax.models import unet
 
 c = tiny.get_config()
+c.model.dropout = 0.0      # dropout keys differ per device (folded with its index); all else equal
 mcfg = unet.ModelConfig(**c.model.to_dict())
 model, sched = unet.JointUNet(mcfg), schedule.make_schedule()
 tx = state_lib.make_optimizer(0.01)
 params = unet.init_params(mcfg, jax.random.key(0))
 x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
-y = np.arange(16, dtype=np.int32) % 10
-out = {}
+# The old classes {0,1,2} fill the first half of the batch and none of the second, so the two
+# shards hold different numbers of old/new samples: masked means must be the whole batch's.
+y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9, 3], np.int32)
+old, new = jnp.arange(10) < 3, jnp.arange(10) >= 3
+gates = (old, new, jnp.int32(0), jnp.int32(0))
+
+def allreduces(compiled):   # element counts of every all-reduced array (XLA may tuple them)
+  types = re.findall(r"= (.*?) all-reduce\(", compiled.as_text())
+  return sorted(int(n or 1) for t in types for n in re.findall(r"f32\[(\d*)\]", t))
+
+# Adam hides a wrongly scaled gradient, so compare the gradients themselves too.
+import functools
+from jdcl_jax.diffusion import losses
+rs = np.random.default_rng(1)
+gbatch = {"x_diff": rs.normal(size=(16, 8, 8, 1)).astype(np.float32),
+          "x_cls": rs.normal(size=(16, 8, 8, 1)).astype(np.float32), "label": y,
+          "t": rs.integers(0, 1000, 16).astype(np.int32),
+          "noise": rs.normal(size=(16, 8, 8, 1)).astype(np.float32)}
+local_loss = functools.partial(steps._local_loss, model=model, sched=sched, cls_weight=0.5)
+grads = {}
+
+out, ar = {}, {}
 for n in (1, 2):
   mesh = sharding.make_mesh(n)
+  grads[n] = jax.jit(lambda p, b: steps.data_parallel_grad(
+      local_loss, p, b, jax.random.key(3), None, mesh)[1])(params, gbatch)
   fn = steps.jit_step(steps.local_step, mesh, model=model, tx=tx, sched=sched, cfg=c.local)
-  st = state_lib.new_state(state_lib.fresh_snapshot(params), tx, 2e-4)
+  st = sharding.to_mesh(state_lib.new_state(state_lib.fresh_snapshot(params), tx, 2e-4), mesh)
+  ar[n] = allreduces(fn.lower(st, x, y, jax.random.key(1)).compile())
   for _ in range(2):
     st, m = fn(st, x, y, jax.random.key(1))
-  out[n] = (float(m["loss"]), jax.device_get(st.params))
+  fns = steps.jit_global(mesh, mesh, model=model, tx=tx, sched=sched, cfg=c.glob)
+  teachers = sharding.to_mesh((params, jax.device_get(st.params)), mesh)   # st is donated
+  g = sharding.to_mesh(gates, mesh)
+  for s in range(2):
+    inputs = fns.inputs_fn(x, y, jax.random.key(2), jnp.int32(s), *teachers)
+    st, gm = fns.step_fn(st, inputs, *g)
+  out[n] = (jax.device_get(m), jax.device_get(gm), jax.device_get(st.params))
 diff = max(float(np.max(np.abs(a - b))) for a, b in
-           zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[2][1])))
-print(json.dumps({"devices": jax.device_count(), "loss1": out[1][0], "loss2": out[2][0],
-                  "max_param_diff": diff}))
+           zip(jax.tree.leaves(out[1][2]), jax.tree.leaves(out[2][2])))
+print(json.dumps({
+    "devices": jax.device_count(),
+    "local_terms_diff": max(abs(float(out[1][0][k]) - float(out[2][0][k])) for k in out[1][0]),
+    "global_terms_diff": max(abs(float(out[1][1][k]) - float(out[2][1][k])) for k in out[1][1]),
+    "n_old": [float(out[1][1]["n_old"]), float(out[2][1]["n_old"])],
+    "max_param_diff": diff, "allreduce_sizes_2dev": ar[2], "allreduces_1dev": len(ar[1]),
+    "max_grad_diff": max(float(np.max(np.abs(a - b))) for a, b in
+                         zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2]))),
+    "max_grad": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(grads[1])),
+    "num_params": unet.count_params(mcfg)}))
 """
 
 
 def test_two_device_mesh_matches_one_device():
+  """Data-parallel local and global steps (steps.data_parallel_grad) give the one-device
+  numbers, and the gradient crosses devices as a single all-reduce of all parameters."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
@@ -53,8 +92,13 @@ def test_two_device_mesh_matches_one_device():
   assert done.returncode == 0, done.stderr[-3000:]
   res = json.loads(done.stdout.strip().splitlines()[-1])
   assert res["devices"] == 2
-  assert abs(res["loss1"] - res["loss2"]) < 1e-5
-  assert res["max_param_diff"] < 1e-5
+  assert res["n_old"][0] == res["n_old"][1] == 8.0, res
+  assert res["local_terms_diff"] < 1e-5 and res["global_terms_diff"] < 1e-5, res
+  assert res["max_param_diff"] < 1e-5, res
+  assert res["max_grad"] > 1e-2 and res["max_grad_diff"] < 1e-6, res
+  assert res["allreduces_1dev"] == 0, res
+  big = [n for n in res["allreduce_sizes_2dev"] if n > 1000]
+  assert big == [res["num_params"]], res     # one all-reduce carries the whole gradient
 
 
 SAMPLE_SCRIPT = r"""

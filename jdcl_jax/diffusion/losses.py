@@ -58,10 +58,23 @@ def soft_cross_entropy(logits_BK: jax.Array, probs_BK: jax.Array) -> jax.Array:
   return -jnp.sum(probs_BK * jax.nn.log_softmax(logits_BK, axis=-1), axis=-1)
 
 
-def masked_mean(values_B: jax.Array, mask_B: jax.Array) -> jax.Array:
-  """Mean of values over the mask (float weights); an empty mask gives 0, not NaN."""
-  n = jnp.sum(mask_B)
-  return jnp.sum(mask_B * values_B) / jnp.maximum(n, 1.0)
+def batch_mean(values_B: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Mean over the batch; with `axis_name`, over the whole batch split across that mapped
+  axis (inside shard_map), so every shard gets the global value."""
+  if axis_name is None:
+    return jnp.mean(values_B)
+  total, n = jax.lax.psum((jnp.sum(values_B), jnp.float32(values_B.size)), axis_name)
+  return total / n
+
+
+def masked_mean(values_B: jax.Array, mask_B: jax.Array,
+                axis_name: str | None = None) -> jax.Array:
+  """Mean of values over the mask (float weights); an empty mask gives 0, not NaN. With
+  `axis_name`, sums and counts cover the whole batch split across that mapped axis."""
+  total, n = jnp.sum(mask_B * values_B), jnp.sum(mask_B)
+  if axis_name is not None:
+    total, n = jax.lax.psum((total, n), axis_name)
+  return total / jnp.maximum(n, 1.0)
 
 
 def draw_t_noise(rng: jax.Array, x: jax.Array, sched: Schedule) -> tuple[jax.Array, jax.Array]:
@@ -83,23 +96,24 @@ def _diffusion_terms(model, params, x0, t, noise, rng, sched, train):
 
 def local_terms(model: nn.Module, params: Params, batch: Batch, t: jax.Array,
                 noise: jax.Array, rng: jax.Array, sched: Schedule, *, cls_weight: float,
-                train: bool = True) -> tuple[jax.Array, Terms]:
+                train: bool = True, axis_name: str | None = None) -> tuple[jax.Array, Terms]:
   """L = MSE(eps_theta(x^w_t, t), eps) + cls_weight * CE(f(x^s), y)  (spec 3.1).
 
-  batch: {"x_diff": [B,H,W,C], "x_cls": [B,H,W,C], "label": int [B]}.
+  batch: {"x_diff": [B,H,W,C], "x_cls": [B,H,W,C], "label": int [B]}. With `axis_name` the
+  batch is this shard of a batch split over that mapped axis; the terms are the whole batch's.
   """
   k_eps, k_cls = jax.random.split(rng)
   _, _, mse_B = _diffusion_terms(model, params, batch["x_diff"], t, noise, k_eps, sched, train)
   logits = logits_pass(model, params, batch["x_cls"], k_cls, train)
-  labels = batch["label"]
-  simple = jnp.mean(mse_B)                                                          # (1)
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))    # (2)
+  labels, ax = batch["label"], axis_name
+  simple = batch_mean(mse_B, ax)                                                     # (1)
+  ce = batch_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), ax)  # (2)
   total = simple + cls_weight * ce
   return total, dict(
       total=total, simple=simple, ce=ce,
       # ldm's VLB term; weight 0 in JDCL (original_elbo_weight), logged only.
-      vlb=jnp.mean(sched.lvlb_weights[t] * mse_B),
-      accuracy=jnp.mean(jnp.argmax(logits, -1) == labels))
+      vlb=batch_mean(sched.lvlb_weights[t] * mse_B, ax),
+      accuracy=batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), ax))
 
 
 def local_loss(model: nn.Module, params: Params, batch: Batch, rng: jax.Array,
@@ -147,7 +161,7 @@ def kd_targets(model: nn.Module, old_params: Params, new_params: Params, x_noisy
   return KDTargets(eps_old, probs_old, eps_new, probs_new)
 
 
-def _subset_weights(labels_B, old_class_mask_K, new_class_mask_K, pi_weighting):
+def _subset_weights(labels_B, old_class_mask_K, new_class_mask_K, pi_weighting, axis_name):
   """Per-sample old/new masks (float [B]), their counts and the pi weights.
 
   pi_o = 2 n_o / (n_o + n_n), pi_n = 2 n_n / (n_o + n_n) (main); with
@@ -156,6 +170,8 @@ def _subset_weights(labels_B, old_class_mask_K, new_class_mask_K, pi_weighting):
   m_old = old_class_mask_K[labels_B].astype(jnp.float32)
   m_new = new_class_mask_K[labels_B].astype(jnp.float32)
   n_old, n_new = jnp.sum(m_old), jnp.sum(m_new)
+  if axis_name is not None:
+    n_old, n_new = jax.lax.psum((n_old, n_new), axis_name)
   if pi_weighting:
     n = jnp.maximum(n_old + n_new, 1.0)
     pi_old, pi_new = 2.0 * n_old / n, 2.0 * n_new / n
@@ -171,7 +187,8 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
              teacher_train: bool, train: bool = True,
              cls_kd_active: jax.Array | bool | float | None = None,
              pi_weighting: bool = True,
-             targets: KDTargets | None = None) -> tuple[jax.Array, Terms]:
+             targets: KDTargets | None = None,
+             axis_name: str | None = None) -> tuple[jax.Array, Terms]:
   """Global-stage loss of spec 3.2 on a batch of generated samples.
 
   Args:
@@ -190,6 +207,8 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
     pi_weighting: static; False gives pi_o = pi_n = 1 (paper_branch).
     targets: the teachers' outputs from `kd_targets` (same batch, t, noise, rng) when they
       were computed elsewhere; then old_params/new_params are not used.
+    axis_name: the batch is this shard of a batch split over that mapped axis (inside
+      shard_map); means, masked means and counts are then the whole batch's.
   """
   if isinstance(weights, Mapping):
     weights = KDWeights(**weights)
@@ -203,18 +222,19 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
   eps_old, probs_old, eps_new, probs_new = targets
 
   m_old, m_new, n_old, n_new, pi_old, pi_new = _subset_weights(
-      labels, old_class_mask_K, new_class_mask_K, pi_weighting)
+      labels, old_class_mask_K, new_class_mask_K, pi_weighting, axis_name)
   active = jnp.asarray(cls_active, jnp.float32)
   kd_active = active if cls_kd_active is None else jnp.asarray(cls_kd_active, jnp.float32)
 
-  simple = jnp.mean(mse_B)                                                           # (1)
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))     # (2)
+  ax = axis_name
+  simple = batch_mean(mse_B, ax)                                                      # (1)
+  ce = batch_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), ax)  # (2)
   # (3) mean over all elements of each masked subset == masked mean of per-sample means.
-  eps_mse_old = masked_mean(per_sample_mse(eps, eps_old), m_old)
-  eps_mse_new = masked_mean(per_sample_mse(eps, eps_new), m_new)
+  eps_mse_old = masked_mean(per_sample_mse(eps, eps_old), m_old, ax)
+  eps_mse_new = masked_mean(per_sample_mse(eps, eps_new), m_new, ax)
   # (4) soft-target CE against each teacher's softmax on its own subset.
-  softce_old = masked_mean(soft_cross_entropy(logits, probs_old), m_old)
-  softce_new = masked_mean(soft_cross_entropy(logits, probs_new), m_new)
+  softce_old = masked_mean(soft_cross_entropy(logits, probs_old), m_old, ax)
+  softce_new = masked_mean(soft_cross_entropy(logits, probs_new), m_new, ax)
 
   simple_w = weights.simple * simple
   ce_w = active * weights.ce * ce
@@ -228,8 +248,8 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
       softce_old=softce_old, softce_new=softce_new, classifier_kd=classifier_kd,
       pi_old=pi_old, pi_new=pi_new, n_old=n_old, n_new=n_new, cls_active=active,
       cls_kd_active=kd_active,
-      vlb=jnp.mean(sched.lvlb_weights[t] * mse_B),
-      accuracy=jnp.mean(jnp.argmax(logits, -1) == labels))
+      vlb=batch_mean(sched.lvlb_weights[t] * mse_B, ax),
+      accuracy=batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), ax))
 
 
 def kd_loss(model: nn.Module, params: Params, old_params: Params, new_params: Params,

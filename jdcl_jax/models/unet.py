@@ -330,7 +330,11 @@ def _init_variables(config: ModelConfig, rng: Array) -> dict:
   return JointUNet(config).init({"params": rng}, x, t, method=_init_all)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# Runs once per model, so compile time is all that matters: without LLVM optimisation the
+# ~150 threefry draws compile in 4.1 s instead of 7.8 s on the 2-core CPU host (digits model;
+# the init itself then takes 0.04 s instead of 0.01 s). Values agree to float32 rounding (3e-8).
+@functools.partial(jax.jit, static_argnums=0,
+                   compiler_options={"xla_backend_optimization_level": 0})
 def _init_params_jit(config: ModelConfig, rng: Array) -> dict:
   return _init_variables(config, rng)["params"]
 
