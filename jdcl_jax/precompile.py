@@ -25,17 +25,12 @@ from jdcl_jax import sharding
 from jdcl_jax import state as state_lib
 from jdcl_jax.models import unet
 
-Abstract = Any
 Job = tuple[str, Callable, tuple]
 
 
-def _abstract(tree: Any, sh: jax.sharding.Sharding) -> Abstract:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree)
-
-
-def _key(sh: Optional[jax.sharding.Sharding]) -> Abstract:
-  # The stages pass keys uncommitted (sh=None), as jax.random makes them.
-  return _abstract(jax.eval_shape(lambda: jax.random.key(0)), sh)
+def _key() -> Any:
+  # The stages pass keys uncommitted, as jax.random makes them.
+  return sharding.abstract(jax.eval_shape(lambda: jax.random.key(0)), None)
 
 
 def global_jobs(ctx: Any) -> list[Job]:
@@ -45,15 +40,14 @@ def global_jobs(ctx: Any) -> list[Job]:
   in_repl, in_data = (sharding.replicated(fns.inputs_mesh),
                       sharding.data_sharded(fns.inputs_mesh))
   repl = sharding.replicated(mesh)
-  params = _abstract(unet.param_shapes(ctx.model.config), in_repl)
+  shapes = unet.param_shapes(ctx.model.config)
+  params = sharding.abstract(shapes, in_repl)
   bs, image = cfg.glob.batch_size, ctx.data.x_train.shape[1:]
   inputs_args = (jax.ShapeDtypeStruct((bs, *image), np.uint8, sharding=in_data),
                  jax.ShapeDtypeStruct((bs,), np.int32, sharding=in_data),
-                 _key(None), jax.ShapeDtypeStruct((), np.int32), params, params)
+                 _key(), jax.ShapeDtypeStruct((), np.int32), params, params)
   inputs = jax.eval_shape(fns.inputs_fn, *inputs_args)
-  state = _abstract(jax.eval_shape(
-      lambda p: state_lib.new_state(state_lib.fresh_snapshot(p), ctx.tx, 0.0),
-      unet.param_shapes(ctx.model.config)), repl)
+  state = sharding.abstract(state_lib.abstract_state(shapes, ctx.tx), repl)
   k = ctx.model.config.num_classes
   gates = (jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=repl),) * 2 + (
       jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),) * 2
@@ -64,8 +58,8 @@ def global_jobs(ctx: Any) -> list[Job]:
 def replay_jobs(ctx: Any) -> list[Job]:
   """The replay generator, as `stages.replay_stage` calls it."""
   repl = sharding.replicated(ctx.sample_mesh)
-  params = _abstract(unet.param_shapes(ctx.model.config), repl)
-  return [("generate", ctx.generate_fn, (params, params, _key(None)))]
+  params = sharding.abstract(unet.param_shapes(ctx.model.config), repl)
+  return [("generate", ctx.generate_fn, (params, params, _key()))]
 
 
 def _compile(make_jobs: Callable[[], list[Job]]) -> list[str]:

@@ -63,6 +63,12 @@ def replicate_tree(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda a: jax.device_put(np.asarray(a), sh), tree)
 
 
+def abstract(tree: Any, sh: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves with sharding `sh` (None: uncommitted), for
+  lowering or restoring without allocating."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree)
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
   n = mesh.shape["data"]
   if batch_size % n:

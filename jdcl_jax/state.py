@@ -56,6 +56,11 @@ def new_state(snapshot: Snapshot, tx: optax.GradientTransformation, lr: float) -
                     opt_state=opt_state)
 
 
+def abstract_state(param_shapes: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  """Shapes and dtypes of a stage's TrainState (eval_shape: nothing is allocated)."""
+  return jax.eval_shape(lambda p: new_state(fresh_snapshot(p), tx, 0.0), param_shapes)
+
+
 def fresh_snapshot(params: PyTree) -> Snapshot:
   """A newly initialised model: EMA shadow = weights, counter 0 (LitEma at construction)."""
   return Snapshot(params, jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32))

@@ -92,13 +92,12 @@ def _abstract_item(ctx: stages.RunContext, name: str, meta: dict) -> Any:
     tree = {"x": jax.ShapeDtypeStruct(tuple(meta["replay_shape"]), np.uint8),
             "y": jax.ShapeDtypeStruct((n,), np.int32)}
   elif name == "state":
-    tree = jax.eval_shape(lambda p: state_lib.new_state(state_lib.fresh_snapshot(p), ctx.tx, 0.),
-                          params)
+    tree = state_lib.abstract_state(params, ctx.tx)
   elif name in ("prev_global", "local"):
     tree = jax.eval_shape(state_lib.fresh_snapshot, params)
   else:
     raise ValueError(f"checkpoint has an unknown item {name!r}")
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), tree)
+  return sharding.abstract(tree, repl)
 
 
 def _initial_meta(config: ml_collections.ConfigDict) -> dict:
