@@ -157,10 +157,10 @@ def _shifted_conv_bwd(stride: int, padding: int, res: tuple[Array, Array],
   x, w = res
   # Input gradient: XLA's transposed conv measured as fast as the shifted
   # (col2im) variant, so keep the kernel XLA already tunes. linear_transpose
-  # avoids re-running the forward, which jax.vjp would do outside jit.
-  transpose = jax.linear_transpose(
-      lambda xx: _xla_conv(xx, w, stride, padding),
-      jax.ShapeDtypeStruct(x.shape, x.dtype))
+  # avoids re-running the forward, which jax.vjp would do outside jit. `x` itself (not a
+  # ShapeDtypeStruct) is the primal so dx keeps x's type, including whether it varies over
+  # a shard_map axis (data-parallel steps), which the custom_vjp checks.
+  transpose = jax.linear_transpose(lambda xx: _xla_conv(xx, w, stride, padding), x)
   (dx,) = transpose(g.astype(x.dtype))
   dw = _weight_grad(x, g.astype(x.dtype), w.shape[0], stride, padding)
   return dx, dw.astype(w.dtype)
