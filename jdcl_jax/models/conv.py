@@ -129,8 +129,10 @@ def _weight_grad(x: Array, g: Array, k: int, stride: int,
   def step(total: Array, xg: tuple[Array, Array]) -> tuple[Array, None]:
     return total + _weight_grad_block(xg[0], xg[1], k, stride, padding), None
 
-  init = jnp.zeros((k, k, x.shape[-1], g.shape[-1]), _accum_dtype(x.dtype))
-  total, _ = lax.scan(step, init, (xs, gs))
+  # The first block seeds the carry (not zeros): inside shard_map the carry must have the
+  # blocks' type, which varies over the mapped axis when x does.
+  first = _weight_grad_block(xs[0], gs[0], k, stride, padding)
+  total, _ = lax.scan(step, first, (xs[1:], gs[1:]))
   return total
 
 
