@@ -48,9 +48,11 @@ def resolve_impl(impl: str, kernel_size: int = 3, stride: int = 1, padding: int 
   Accelerators keep XLA's (cuDNN/TPU) kernels. On CPU, measured on this project's 2-core AVX-512
   host (benchmarks/conv_micro.py): XLA:CPU routes 3x3 convs to YNNPACK and beats the shifted-matmul
   VJP (fwd+bwd 0.65-1.08x), while 1x1 stride-1 convs are 1.9x faster as a plain channel matmul.
-  So "auto" on CPU = matmul for pointwise convs, XLA otherwise. On AVX2-only hosts, where
-  JAX_STACK section 7 measured XLA:CPU's 3x3 weight gradient at ~20x its forward, set
-  `model.conv_impl=matmul` explicitly.
+  So "auto" on CPU = matmul for pointwise convs, XLA otherwise. On a 2-core AVX2-only host
+  (Zen 3, 2026-12-02) XLA's 3x3 conv fwd+bwd at 32x32 was 4.5x slower than the matmul VJP
+  (643 vs 143 ms, 64->64, batch 32), yet whole train steps of the 8x8 and 16x16 models were
+  7 % faster with XLA's convs: on such hosts consider `model.conv_impl=matmul` for 32x32
+  models (CIFAR) and measure with benchmarks/train_step.py.
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul")
