@@ -12,6 +12,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hostinfo import host_cpu  # noqa: E402  (this folder is on sys.path)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -77,4 +78,4 @@ def flops_of(compiled) -> float:
 
 def device_info() -> dict:
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-          "num_devices": jax.device_count(), "cpu_count": os.cpu_count()}
+          "num_devices": jax.device_count(), **host_cpu()}

@@ -26,6 +26,8 @@ import statistics
 import sys
 import time
 
+from hostinfo import host_cpu  # this script's folder is on sys.path
+
 try:
   import torch
   import torch.nn.functional as F
@@ -335,7 +337,7 @@ def main():
       "fraction_of_matmul": flops / sec / 1e9 / mm, **ddim,
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-      "cpu_count": os.cpu_count()}))
+      **host_cpu()}))
 
 
 if __name__ == "__main__":
