@@ -12,8 +12,8 @@ computed:
   batch chunks so the shifted copies stay cache-sized. Forward and input
   gradient stay on XLA's conv kernels because they measured as fast or faster
   than im2col / shifted-matmul variants on CPU (benchmarks/conv_micro.py).
-* "auto": "matmul" when `jax.default_backend() == "cpu"`, else "xla"; resolved
-  at trace time.
+* "auto": resolved per conv at trace time (`resolve_impl`): on CPU "matmul" for
+  1x1 stride-1 convs and "xla" for the rest; "xla" on accelerators.
 
 Padding is explicit and symmetric (PyTorch semantics).
 """
