@@ -52,12 +52,21 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> floa
   return float(np.median(times))
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """The machine's fp32 matmul rate (jnp.dot n^3), measured in the same run."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+  """The machine's matmul rate (jnp.dot n^3 in `dtype`), measured in the same run."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda x: x @ x)
   sec = median_time(lambda: f(a), repeats)
   return 2 * n ** 3 / sec / 1e9
+
+
+def matmul_setting(model_dtype: str) -> dict:
+  """The yardstick matmul: fp32 2048^3 on CPU (comparable across sessions); on accelerators an
+  8192^3 product in the model's compute dtype (2048^3 is too small to reach a GPU's peak), so
+  `fraction_of_matmul` reads as utilisation of the measured matrix rate (MFU-like)."""
+  if jax.default_backend() == "cpu":
+    return {"n": 2048, "dtype": "float32"}
+  return {"n": 8192, "dtype": model_dtype}
 
 
 def peak_memory_bytes() -> int:
