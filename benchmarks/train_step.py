@@ -3,8 +3,9 @@
 Prints one JSON line: images/s (median of >= 10 steps after warm-up), compile time, peak memory,
 FLOPs per step (XLA cost analysis), the matmul GFLOP/s measured in the same run (fp32 2048^3
 on CPU; 8192^3 in the model's dtype on accelerators) and the ratio achieved/matmul; with
-`--peak-tflops`, MFU against that datasheet peak. `--stage=global` times the KD step (student + two teachers), the
-teachers dispatched a step ahead as the engine does (stages._global_advance).
+`--peak-tflops`, MFU against that datasheet peak. `--stage=global` times the KD step (student
++ two teachers), the teachers dispatched a step ahead as the engine does
+(stages._global_advance).
 
 Devices and meshes as `jdcl_jax.main` sets them: `mesh.cpu_devices` virtual CPU devices,
 the train mesh over `mesh.data` of them, the teachers on the spare ones when there are any.
@@ -85,9 +86,9 @@ def main():
   mm_setting = common.matmul_setting(mcfg.dtype)
   mm = common.matmul_gflops(**mm_setting)
   achieved = flops / sec / 1e9
-  # MFU against a datasheet peak, when given (e.g. --peak-tflops=989 for an H100/H200's dense bf16).
-  mfu = {"peak_tflops": a.peak_tflops, "mfu": achieved / (a.peak_tflops * 1e3)} \
-      if a.peak_tflops > 0 else {}
+  mfu = {}   # against a datasheet peak when given (989 = an H100/H200's dense bf16 TFLOP/s)
+  if a.peak_tflops > 0:
+    mfu = {"peak_tflops": a.peak_tflops, "mfu": achieved / (a.peak_tflops * 1e3)}
   print(json.dumps({
       "benchmark": "train_step", "config": a.config, "stage": a.stage, "batch": bs,
       "params": unet.count_params(mcfg), "conv_impl": mcfg.conv_impl, "dtype": mcfg.dtype,
