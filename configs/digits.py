@@ -50,13 +50,11 @@ def get_config(arg=None):
   c.eval.batch_size = 360
   c.log.every_steps = 50
   c.checkpoint.every_steps = 200
-  # Train steps on one device; replay sampling, evaluation and the KD teachers (a step ahead)
-  # on the others (on CPU: one virtual device per core, mesh.cpu_devices; DDIM 1.4-1.6x faster
-  # over 2). Measured on 2 cores (benchmarks/README.md): --config.mesh.data=-1 trains
-  # data-parallel (steps.data_parallel_grad, one flat gradient all-reduce): local step
-  # 0.110-0.117 -> 0.092-0.096 s, KD step 0.142-0.146 -> 0.132-0.135 s in isolation, but whole
-  # demo runs took the same time (seed 13: 527 s vs 529 s; checkpoints, evaluation and host work
-  # fill both cores) and reached lower accuracy in both seeds tried (12: 83.3 vs 85.5 %, 13:
-  # 74.6 vs 78.5 % EMA; its dropout masks differ, the math is the same), so one device it is.
-  c.mesh.data = 1
+  # Train steps data-parallel over one virtual CPU device per core (mesh.cpu_devices; the
+  # default mesh.data=-1), replay sampling and evaluation split the same way. Dropout masks
+  # follow global example indices (unet.ExampleDropout), so the device count changes only float
+  # summation order: seed 12 gave the same accuracy matrices on 1 and 2 train devices except
+  # one cell off by one test image (Ā_T EMA 87.44 vs 87.16 %), and 2 devices ran the demo in
+  # 682 s instead of 744 s (Intel Xeon host; local step 0.171 -> 0.125 s; benchmarks/README.md).
+  # mesh.data=1 trains on one device, with the KD teachers a step ahead on the other.
   return c

@@ -57,9 +57,10 @@ def data_parallel_grad(loss_fn: Callable, params: PyTree, batch: PyTree, rng: ja
   """value_and_grad of `loss_fn(params, batch, rng, consts, axis_name) -> (loss, terms)`.
 
   One device (or mesh=None): a plain call with axis_name=None. Several on the data axis: each
-  device runs the loss on its shard of `batch` (leading axis split; `consts` replicated;
-  its own dropout key, folded with its index) and the loss reduces over the axis, so loss and
-  terms are the whole batch's. The parameters enter as ONE flat vector, so the gradient is
+  device runs the loss on its shard of `batch` (leading axis split; `consts` and `rng`
+  replicated) and the loss reduces over the axis, so loss and terms are the whole batch's.
+  Dropout masks follow global example indices (unet.ExampleDropout), so the result is the
+  single-device one up to float summation order, whatever the device count. The parameters enter as ONE flat vector, so the gradient is
   one all-reduce (the transpose of replicating that vector) instead of one per tensor: on
   the 2-core CPU host the per-tensor all-reduces cost 15-30 ms a step, more than splitting
   the batch saved. Batch randomness (views, t, noise) is drawn before, at the global shape.
@@ -69,7 +70,6 @@ def data_parallel_grad(loss_fn: Callable, params: PyTree, batch: PyTree, rng: ja
   flat, unravel = ravel_pytree(params)
 
   def per_shard(flat, batch, rng, consts):
-    rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
     # Varying from here on: per-tensor conversions (and so per-tensor all-reduces in the
     # backward pass) are never needed; custom VJPs (GroupNorm) return varying gradients.
     flat = jax.lax.pcast(flat, "data", to="varying")

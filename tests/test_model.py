@@ -123,6 +123,25 @@ def test_dropout_switch(busy_params, inputs):
     assert np.abs(train_a - eval_a).max() > 1e-4
 
 
+def test_example_dropout_masks_follow_example_index():
+  """Rate and scaling as nn.Dropout; example i's mask depends on (key, i) only, so a shard that
+  knows its offset on the batch axis draws the rows the whole batch would (data parallelism)."""
+  drop = unet.ExampleDropout(0.25)
+  rngs = {"dropout": jax.random.key(5)}
+  x = jnp.ones((8, 16, 16, 4))
+  y = drop.apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1.0 / 0.75], rtol=1e-6)
+  assert abs(float(jnp.mean(y == 0.0)) - 0.25) < 0.03
+  assert np.any(np.asarray(y[0] != y[1]))                    # examples get different masks
+  np.testing.assert_array_equal(drop.apply({}, x[:3], deterministic=False, rngs=rngs), y[:3])
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  # Inside a mapped batch axis of 2 shards of 4, shard k offsets its indices by 4k.
+  on_axis = unet.ExampleDropout(0.25, batch_axis="b")
+  shards = jax.vmap(lambda xs: on_axis.apply({}, xs, deterministic=False, rngs=rngs),
+                    axis_name="b")(x.reshape(2, 4, 16, 16, 4))
+  np.testing.assert_array_equal(shards.reshape(y.shape), y)
+
+
 def test_eval_needs_no_rng(busy_params, inputs):
   x, t = inputs
   _apply(busy_params, x, t, train=False)   # no "dropout" stream: must not raise

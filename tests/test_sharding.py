@@ -21,7 +21,7 @@ from jdcl_jax.diffusion import schedule
 from jdcl_jax.models import unet
 
 c = tiny.get_config()
-c.model.dropout = 0.0      # dropout keys differ per device (folded with its index); all else equal
+# dropout stays on: masks follow global example indices, so 1 and 2 devices must agree
 mcfg = unet.ModelConfig(**c.model.to_dict())
 model, sched = unet.JointUNet(mcfg), schedule.make_schedule()
 tx = state_lib.make_optimizer(0.01)

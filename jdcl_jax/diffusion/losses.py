@@ -35,17 +35,24 @@ class KDWeights(NamedTuple):
   cls_kd: float   # w_cls: logit distillation (kl_classification_weight)
 
 
+def _on_axis(model: nn.Module, axis_name: str | None) -> nn.Module:
+  # Inside shard_map the model draws dropout masks by global example index (unet.ExampleDropout).
+  return model if axis_name is None else model.clone(batch_axis=axis_name)
+
+
 def eps_pass(model: nn.Module, params: Params, x: jax.Array, t: jax.Array, rng: jax.Array,
-             train: bool) -> jax.Array:
-  """eps_theta(x, t); `rng` feeds the "dropout" stream (unused when train=False)."""
-  return model.apply({"params": params}, x, t, train=train, rngs={"dropout": rng})
+             train: bool, axis_name: str | None = None) -> jax.Array:
+  """eps_theta(x, t); `rng` feeds the "dropout" stream (unused when train=False). With
+  `axis_name`, x is one shard of a batch split over that shard_map axis."""
+  return _on_axis(model, axis_name).apply({"params": params}, x, t, train=train,
+                                          rngs={"dropout": rng})
 
 
 def logits_pass(model: nn.Module, params: Params, x: jax.Array, rng: jax.Array,
-                train: bool) -> jax.Array:
-  """Classifier logits f(x) (encoder at t = 0, pool, MLP)."""
-  return model.apply({"params": params}, x, train=train, method="classify",
-                     rngs={"dropout": rng})
+                train: bool, axis_name: str | None = None) -> jax.Array:
+  """Classifier logits f(x) (encoder at t = 0, pool, MLP); `axis_name` as in `eps_pass`."""
+  return _on_axis(model, axis_name).apply({"params": params}, x, train=train,
+                                          method="classify", rngs={"dropout": rng})
 
 
 def per_sample_mse(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -84,10 +91,10 @@ def draw_t_noise(rng: jax.Array, x: jax.Array, sched: Schedule) -> tuple[jax.Arr
   return t, jax.random.normal(k_noise, x.shape, x.dtype)
 
 
-def _diffusion_terms(model, params, x0, t, noise, rng, sched, train):
+def _diffusion_terms(model, params, x0, t, noise, rng, sched, train, axis_name=None):
   """Shared eps pass: (eps_pred, x_noisy, per-sample MSE [B])."""
   x_noisy = q_sample(sched, x0, t, noise)
-  eps = eps_pass(model, params, x_noisy, t, rng, train)
+  eps = eps_pass(model, params, x_noisy, t, rng, train, axis_name)
   return eps, x_noisy, per_sample_mse(eps, noise)
 
 
@@ -103,9 +110,11 @@ def local_terms(model: nn.Module, params: Params, batch: Batch, t: jax.Array,
   batch is this shard of a batch split over that mapped axis; the terms are the whole batch's.
   """
   k_eps, k_cls = jax.random.split(rng)
-  _, _, mse_B = _diffusion_terms(model, params, batch["x_diff"], t, noise, k_eps, sched, train)
-  logits = logits_pass(model, params, batch["x_cls"], k_cls, train)
-  labels, ax = batch["label"], axis_name
+  ax = axis_name
+  _, _, mse_B = _diffusion_terms(model, params, batch["x_diff"], t, noise, k_eps, sched, train,
+                                 ax)
+  logits = logits_pass(model, params, batch["x_cls"], k_cls, train, ax)
+  labels = batch["label"]
   simple = batch_mean(mse_B, ax)                                                     # (1)
   ce = batch_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), ax)  # (2)
   total = simple + cls_weight * ce
@@ -129,14 +138,15 @@ def local_loss(model: nn.Module, params: Params, batch: Batch, rng: jax.Array,
 # ---------------------------------------------------------------- (3.2) global KD
 
 
-def _teacher_outputs(model, teacher_params, x_noisy, t, x_cls, rng, train):
+def _teacher_outputs(model, teacher_params, x_noisy, t, x_cls, rng, train, axis_name):
   """Teacher eps on x_noisy and softmax(logits) on x_cls, with gradients stopped.
 
   Run on the whole batch (static shapes); the mask selects what counts.
   """
   k_eps, k_cls = jax.random.split(rng)
-  eps = eps_pass(model, teacher_params, x_noisy, t, k_eps, train)
-  probs = jax.nn.softmax(logits_pass(model, teacher_params, x_cls, k_cls, train), axis=-1)
+  eps = eps_pass(model, teacher_params, x_noisy, t, k_eps, train, axis_name)
+  probs = jax.nn.softmax(logits_pass(model, teacher_params, x_cls, k_cls, train, axis_name),
+                         axis=-1)
   return jax.lax.stop_gradient(eps), jax.lax.stop_gradient(probs)
 
 
@@ -150,14 +160,14 @@ class KDTargets(NamedTuple):
 
 def kd_targets(model: nn.Module, old_params: Params, new_params: Params, x_noisy: jax.Array,
                t: jax.Array, x_cls: jax.Array, rng: jax.Array,
-               teacher_train: bool) -> KDTargets:
+               teacher_train: bool, axis_name: str | None = None) -> KDTargets:
   """Both teachers on the whole batch. `rng` is the key `kd_terms` gets, split the same way,
   so targets computed apart (a step ahead, on another device) equal the inline ones."""
   _, _, k_old, k_new = jax.random.split(rng, 4)
   eps_old, probs_old = _teacher_outputs(model, old_params, x_noisy, t, x_cls, k_old,
-                                        teacher_train)
+                                        teacher_train, axis_name)
   eps_new, probs_new = _teacher_outputs(model, new_params, x_noisy, t, x_cls, k_new,
-                                        teacher_train)
+                                        teacher_train, axis_name)
   return KDTargets(eps_old, probs_old, eps_new, probs_new)
 
 
@@ -215,10 +225,11 @@ def kd_terms(model: nn.Module, params: Params, old_params: Params, new_params: P
   k_s_eps, k_s_cls, _, _ = jax.random.split(rng, 4)
   labels, x_cls = batch["label"], batch["x_cls"]
   eps, x_noisy, mse_B = _diffusion_terms(model, params, batch["x_diff"], t, noise, k_s_eps,
-                                         sched, train)
-  logits = logits_pass(model, params, x_cls, k_s_cls, train)
+                                         sched, train, axis_name)
+  logits = logits_pass(model, params, x_cls, k_s_cls, train, axis_name)
   if targets is None:
-    targets = kd_targets(model, old_params, new_params, x_noisy, t, x_cls, rng, teacher_train)
+    targets = kd_targets(model, old_params, new_params, x_noisy, t, x_cls, rng, teacher_train,
+                         axis_name)
   eps_old, probs_old, eps_new, probs_new = targets
 
   m_old, m_new, n_old, n_new, pi_old, pi_new = _subset_weights(

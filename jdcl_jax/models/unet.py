@@ -7,7 +7,8 @@ plus the JDCL "pooling" classifier head (spec 1.2).
 Submodule names mirror the original PyTorch modules (`input_blocks_4_0` is
 `input_blocks.4.0`) so that `port.py` can map state_dict keys by rule.
 Call with `model.apply({"params": params}, x_BHWC, t_B, train=...)`; dropout
-draws from the `"dropout"` rng stream when `train=True`.
+draws from the `"dropout"` rng stream when `train=True`, one mask per example
+(`ExampleDropout`), so a data-parallel step equals the single-device one.
 """
 from __future__ import annotations
 
@@ -125,12 +126,36 @@ def timestep_embedding(t_B: Array, dim: int) -> Array:
   return emb
 
 
+class ExampleDropout(nn.Module):
+  """Dropout whose mask for example i depends only on (the layer's key, i).
+
+  flax's nn.Dropout draws one mask for the whole array, so a batch split over devices (the
+  shard_map of steps.data_parallel_grad) would need one key per device and every device count
+  would train a different model. Here example i of the global batch gets
+  fold_in(key, i), with i offset by the shard's position on `batch_axis` inside shard_map:
+  1, 2 or 8 data-parallel devices draw the same masks (tests/test_sharding.py).
+  """
+  rate: float
+  batch_axis: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    key, n = self.make_rng("dropout"), x.shape[0]
+    first = 0 if self.batch_axis is None else jax.lax.axis_index(self.batch_axis) * n
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(n))
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+
 class ResBlock(nn.Module):
   """ldm ResBlock with use_scale_shift_norm=True."""
   out_channels: int
   dropout: float
   conv_impl: str
   dtype: Any
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool) -> Array:
@@ -139,7 +164,7 @@ class ResBlock(nn.Module):
     emb_out = Linear(2 * self.out_channels, dtype=self.dtype, name="emb_dense")(nn.silu(emb))
     scale, shift = jnp.split(emb_out[:, None, None, :], 2, axis=-1)   # scale is the first half
     h = GroupNorm32(name="out_norm")(h) * (1 + scale) + shift
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = ExampleDropout(self.dropout, self.batch_axis)(nn.silu(h), deterministic=not train)
     h = conv(self.out_channels, zero_init=True, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, kernel_size=1, padding=0, name="skip")(x)
@@ -203,13 +228,19 @@ def _apply_layers(layers: Sequence[nn.Module], h: Array, emb: Array, train: bool
 
 
 class JointUNet(nn.Module):
-  """UNet eps-denoiser whose pooled encoder features also feed a classifier."""
+  """UNet eps-denoiser whose pooled encoder features also feed a classifier.
+
+  `batch_axis`: set (via `model.clone`) when the batch is one shard of a batch split over that
+  shard_map axis, so dropout masks follow global example indices (`ExampleDropout`).
+  """
   config: ModelConfig
+  batch_axis: str | None = None
 
   def setup(self) -> None:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    res = functools.partial(ResBlock, dropout=cfg.dropout, conv_impl=cfg.conv_impl, dtype=dtype)
+    res = functools.partial(ResBlock, dropout=cfg.dropout, conv_impl=cfg.conv_impl, dtype=dtype,
+                            batch_axis=self.batch_axis)
     attn = functools.partial(AttentionBlock, num_heads=cfg.num_heads,
                              num_head_channels=cfg.num_head_channels, dtype=dtype)
     ch = cfg.model_channels
@@ -242,7 +273,7 @@ class JointUNet(nn.Module):
     self.out_norm = GroupNorm32()
     self.out_conv = Conv(cfg.out_channels, zero_init=True, impl=cfg.conv_impl, dtype=dtype)
     self.classifier_0 = Linear(cfg.classifier_hidden, dtype=dtype)
-    self.classifier_dropout = nn.Dropout(cfg.dropout)
+    self.classifier_dropout = ExampleDropout(cfg.dropout, self.batch_axis)
     self.classifier_3 = Linear(cfg.num_classes, dtype=dtype)
 
   def _embed(self, t_B: Array) -> Array:
