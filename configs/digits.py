@@ -50,11 +50,13 @@ def get_config(arg=None):
   c.eval.batch_size = 360
   c.log.every_steps = 50
   c.checkpoint.every_steps = 200
-  # Train steps data-parallel over one virtual CPU device per core (mesh.cpu_devices; the
-  # default mesh.data=-1), replay sampling and evaluation split the same way. Dropout masks
-  # follow global example indices (unet.ExampleDropout), so the device count changes only float
-  # summation order: seed 12 gave the same accuracy matrices on 1 and 2 train devices except
-  # one cell off by one test image (Ā_T EMA 87.44 vs 87.16 %), and 2 devices ran the demo in
-  # 682 s instead of 744 s (Intel Xeon host; local step 0.171 -> 0.125 s; benchmarks/README.md).
-  # mesh.data=1 trains on one device, with the KD teachers a step ahead on the other.
+  # Train steps on one device; replay sampling, evaluation and the KD teachers (a step ahead)
+  # on the others (on CPU: one virtual device per core, mesh.cpu_devices). Dropout masks follow
+  # global example indices (unet.ExampleDropout), so --config.mesh.data=-1 (data-parallel over
+  # both cores) trains the same model up to float summation order: seed 12 gave the same EMA
+  # accuracy matrix but one cell (one test image; Ā_T 87.16 vs 87.44 %) in 682 s instead of
+  # 744 s (Intel Xeon host; benchmarks/README.md). It stays off by default: with
+  # --config.glob.teacher_dropout=True it aborted twice at the first KD step (XLA:CPU all-reduce
+  # rendezvous timeout, 40 s), which one train device cannot hit (no collective in its steps).
+  c.mesh.data = 1
   return c
