@@ -60,8 +60,9 @@ def data_parallel_grad(loss_fn: Callable, params: PyTree, batch: PyTree, rng: ja
   device runs the loss on its shard of `batch` (leading axis split; `consts` and `rng`
   replicated) and the loss reduces over the axis, so loss and terms are the whole batch's.
   Dropout masks follow global example indices (unet.ExampleDropout), so the result is the
-  single-device one up to float summation order, whatever the device count. The parameters enter as ONE flat vector, so the gradient is
-  one all-reduce (the transpose of replicating that vector) instead of one per tensor: on
+  single-device one up to float summation order, whatever the device count. The parameters
+  enter as ONE flat vector, so the gradient is one all-reduce (the transpose of replicating
+  that vector) instead of one per tensor: on
   the 2-core CPU host the per-tensor all-reduces cost 15-30 ms a step, more than splitting
   the batch saved. Batch randomness (views, t, noise) is drawn before, at the global shape.
   """

@@ -132,8 +132,8 @@ class ExampleDropout(nn.Module):
   flax's nn.Dropout draws one mask for the whole array, so a batch split over devices (the
   shard_map of steps.data_parallel_grad) would need one key per device and every device count
   would train a different model. Here example i of the global batch gets
-  fold_in(key, i), with i offset by the shard's position on `batch_axis` inside shard_map:
-  1, 2 or 8 data-parallel devices draw the same masks (tests/test_sharding.py).
+  fold_in(key, i), with i offset by the shard's position on `batch_axis` inside shard_map, so
+  any data-parallel device count draws the same masks (1 vs 2 devices: tests/test_sharding.py).
   """
   rate: float
   batch_axis: str | None = None
