@@ -50,13 +50,12 @@ def get_config(arg=None):
   c.eval.batch_size = 360
   c.log.every_steps = 50
   c.checkpoint.every_steps = 200
-  # Train steps on one device; replay sampling, evaluation and the KD teachers (a step ahead)
-  # on the others (on CPU: one virtual device per core, mesh.cpu_devices). Dropout masks follow
-  # global example indices (unet.ExampleDropout), so --config.mesh.data=-1 (data-parallel over
-  # both cores) trains the same model up to float summation order: seed 12 gave the same EMA
-  # accuracy matrix but one cell (one test image; Ā_T 87.16 vs 87.44 %) in 682 s instead of
-  # 744 s (Intel Xeon host; benchmarks/README.md). It stays off by default: with
-  # --config.glob.teacher_dropout=True it aborted twice at the first KD step (XLA:CPU all-reduce
-  # rendezvous timeout, 40 s), which one train device cannot hit (no collective in its steps).
-  c.mesh.data = 1
+  # Train data-parallel over every device (on CPU: one virtual device per core,
+  # mesh.cpu_devices), like replay sampling, evaluation and the KD teachers. Dropout masks follow
+  # global example indices (unet.ExampleDropout), so the device count changes float summation
+  # order only (--config.mesh.data=1 trains on one device, the teachers then run a step ahead on
+  # the other; seed 12 gave the same EMA matrix but one cell, one test image, in 744 s instead
+  # of 682 s on the Intel Xeon host; benchmarks/README.md). Data-parallel CPU runs once aborted
+  # on an XLA:CPU all-reduce timeout; stages.MAX_STEPS_AHEAD is the fix.
+  c.mesh.data = -1
   return c

@@ -4,6 +4,7 @@ returns pytrees; checkpoint and log calls go through the context's manager and w
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Optional
@@ -28,6 +29,14 @@ from jdcl_jax.models import unet
 PyTree = Any
 PER_TASK_KEYS = {"local": ("steps", "lr"),
                  "glob": ("steps", "lr", "cls_start_step", "cls_kd_no_wait")}
+# How many train steps the host may dispatch ahead of the devices. XLA:CPU runs each device's
+# part of a multi-device program on a client pool with one thread per device (2 on a 2-core
+# host), and a dispatch that finds 32 programs in flight on a device blocks one of those
+# threads; a collective then waits for its other half forever and the process aborts after
+# 40 s ("Termination timeout for all reduce ... only 1 of them arrived"). Unbounded, a
+# data-parallel run hit this at its first KD step (2 programs per step); 4 steps ahead keep
+# at most ~10 programs in flight and still hide dispatch. benchmarks/README.md has the repro.
+MAX_STEPS_AHEAD = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +78,13 @@ def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int
   """Run `num_steps` steps from `st.step` with `advance(st, step) -> (st, metrics)`; log,
   checkpoint and call hooks along the way."""
   cfg = ctx.config
-  t0, window = time.time(), []
+  t0, window, in_flight = time.time(), [], collections.deque()
   for step in range(int(st.step), num_steps):
     st, m = advance(st, step)
     window.append(m)
+    in_flight.append(m)
+    if len(in_flight) > MAX_STEPS_AHEAD:
+      jax.block_until_ready(in_flight.popleft())
     run_step = meta["total_steps"] + step + 1
     for hook in ctx.hooks:
       hook(run_step)

@@ -168,3 +168,57 @@ def test_cpu_device_count_rules(monkeypatch):
   # The user's own XLA flag wins: nothing is changed.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
   assert sharding.configure_cpu_devices(0) == 0
+
+
+LOOP_SCRIPT = r"""
+import sys, types, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from jdcl_jax import sharding, stages
+
+mesh = sharding.make_mesh(2)
+stages.MAX_STEPS_AHEAD = int(sys.argv[1])
+
+@jax.jit
+def teachers(x):                       # a 2-device program without collectives
+  for _ in range(4):
+    x = jnp.tanh(x @ x.T @ x * 1e-3)
+  return x
+
+def per_shard(x, y):                   # one psum that needs only y, one at the end
+  s = jax.lax.psum(jnp.sum(y), "data")
+  for _ in range(4):
+    x = jnp.tanh(x @ x.T @ x * 1e-3)
+  return x + jax.lax.psum(jnp.sum(x), "data") + s
+student = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P("data"), P("data")),
+                                out_specs=P("data")))
+y0 = jax.device_put(np.ones((256, 128), np.float32), sharding.data_sharded(mesh))
+cache = {"y": y0}
+
+def advance(st, step):   # the shape of stages._global_advance; "metrics" are step outputs
+  cache["y"] = teachers(cache["y"] if step % 7 else st.x)
+  x = student(st.x, cache["y"])
+  return types.SimpleNamespace(step=step + 1, x=x), {"out": x}
+
+cfg = types.SimpleNamespace(log=types.SimpleNamespace(every_steps=1000),
+                            checkpoint=types.SimpleNamespace(every_steps=1000))
+ctx = types.SimpleNamespace(config=cfg, hooks=(), writer=types.SimpleNamespace(
+    write_scalars=lambda *a: None))
+st, _ = stages._train_loop(ctx, types.SimpleNamespace(step=0, x=y0), "glob", 0, 120, advance,
+                           {"total_steps": 0}, {})
+print("finished", st.step, float(jnp.sum(st.x)))
+"""
+
+
+def test_train_loop_never_lets_a_collective_starve():
+  """XLA:CPU gives its 2 virtual devices 2 client threads; a dispatch that finds 32 programs
+  in flight on a device blocks one, and a collective then waits forever for its other half.
+  `stages._train_loop` bounds how far the host runs ahead (MAX_STEPS_AHEAD), so a
+  data-parallel loop of collective and plain programs finishes. Unbounded, this loop aborted
+  every time on the 2-core host (Termination timeout ... only 1 of them arrived)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=10"}
+  done = subprocess.run([sys.executable, "-c", LOOP_SCRIPT, "4"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().splitlines()[-1].startswith("finished")
