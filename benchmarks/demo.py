@@ -34,7 +34,9 @@ def main():
                     "process_wall_s": total, "run_wall_time_s": res["wall_time_s"],
                     "stage_seconds": res["stage_seconds"], "avg_acc": res["avg_acc"],
                     "avg_forgetting": res["avg_forgetting"], "avg_acc_raw": res["avg_acc_raw"],
-                    **common.device_info()}))
+                    # the run's devices, not this launcher process's (one CPU device)
+                    **common.device_info(), "num_devices": res["devices"]["count"],
+                    "train_devices": res["devices"]["train"]}))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,14 @@ def results_dict(config: ml_collections.ConfigDict, meta: dict) -> dict:
   return res
 
 
+def run_devices(ctx: stages.RunContext) -> dict:
+  """What the (last segment of the) run ran on: the device count differs from a config's
+  `mesh` fields (-1 = all), and on CPU it is set by mesh.cpu_devices."""
+  return {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
+          "count": jax.device_count(), "processes": jax.process_count(),
+          "train": ctx.mesh.shape["data"], "sample": ctx.sample_mesh.shape["data"]}
+
+
 def _print_results(res: dict) -> None:
   for w in ("ema", "raw"):
     print(cl_metrics.format_table(res[f"acc_matrix_{w}"], f"\nAccuracy (%) with {w} weights"))
@@ -182,7 +190,7 @@ def _run(ctx: stages.RunContext) -> dict:
     meta = _finish_task(ctx, task, glob, {**meta, "wall_time_s": wall0 + time.time() - t_start})
     items = {"prev_global": glob}
   ctx.mngr.wait_until_finished()
-  res = results_dict(config, meta)
+  res = {**results_dict(config, meta), "devices": run_devices(ctx)}
   if jax.process_index() == 0:
     tmp = os.path.join(workdir, "results.json.tmp")
     with open(tmp, "w") as f:

@@ -64,6 +64,9 @@ def test_results_json_and_event_files(finished_run):
   assert on_disk["avg_acc"] == pytest.approx(np.mean(acc[1]))
   assert on_disk["avg_forgetting"] == pytest.approx(acc[0][0] - acc[1][0])
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  dev = on_disk["devices"]
+  assert dev["platform"] == "cpu" and dev["processes"] == 1
+  assert dev["count"] == jax.device_count() and dev["train"] == dev["count"]   # tiny: mesh.data=-1
   stats = on_disk["replay_stats"]["1"]
   assert sum(stats["old"]["kept"].values()) + sum(stats["old"]["filled"].values()) == 5 * 8
 
