@@ -55,7 +55,7 @@ def get_config(arg=None):
   # global example indices (unet.ExampleDropout), so the device count changes float summation
   # order only (--config.mesh.data=1 trains on one device, the teachers then run a step ahead on
   # the other; seed 12 gave the same EMA matrix but one cell, one test image, in 800 s instead
-  # of 717 s, same Intel Xeon host and session; benchmarks/README.md). Data-parallel CPU runs once aborted
-  # on an XLA:CPU all-reduce timeout; stages.MAX_STEPS_AHEAD is the fix.
+  # of 717 s, same Intel Xeon host and session; benchmarks/README.md). Data-parallel CPU runs
+  # once aborted on an XLA:CPU all-reduce timeout; stages.MAX_STEPS_AHEAD is the fix.
   c.mesh.data = -1
   return c

@@ -4,7 +4,6 @@ returns pytrees; checkpoint and log calls go through the context's manager and w
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from typing import Any, Callable, Optional
@@ -78,13 +77,12 @@ def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int
   """Run `num_steps` steps from `st.step` with `advance(st, step) -> (st, metrics)`; log,
   checkpoint and call hooks along the way."""
   cfg = ctx.config
-  t0, window, in_flight = time.time(), [], collections.deque()
+  t0, window = time.time(), []
   for step in range(int(st.step), num_steps):
     st, m = advance(st, step)
     window.append(m)
-    in_flight.append(m)
-    if len(in_flight) > MAX_STEPS_AHEAD:
-      jax.block_until_ready(in_flight.popleft())
+    if len(window) > MAX_STEPS_AHEAD:   # steps before the window were synced when it was logged
+      jax.block_until_ready(window[-MAX_STEPS_AHEAD - 1])
     run_step = meta["total_steps"] + step + 1
     for hook in ctx.hooks:
       hook(run_step)
