@@ -21,27 +21,36 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _grouped(x: Array, groups: int) -> Array:
-  """(B, ..., C) -> (B, S, G, C/G) with S the flattened spatial size."""
+def _flat(x: Array, groups: int) -> Array:
+  """(B, ..., C) -> (B, S, C) with S the flattened spatial size."""
   b, c = x.shape[0], x.shape[-1]
   if c % groups:
     raise ValueError(f"GroupNorm: {c} channels are not divisible by {groups} groups")
-  return x.reshape(b, -1, groups, c // groups)
+  return x.reshape(b, -1, c)
 
 
-def _stats(xg: Array, eps: float) -> tuple[Array, Array]:
-  mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-  var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-  return mean, jax.lax.rsqrt(var + eps)
+def _group_mean(per_channel_sum: Array, groups: int, n: int) -> Array:
+  """(B, C) per-channel sums -> (B, 1, C): each channel gets its group's sum / n."""
+  b, c = per_channel_sum.shape
+  s = per_channel_sum.reshape(b, groups, c // groups).sum(-1, keepdims=True) / n
+  return jnp.broadcast_to(s, (b, groups, c // groups)).reshape(b, 1, c)
+
+
+# Every reduction below first sums over the spatial axis with the channels contiguous, then
+# over the few channels of a group on a tiny (B, C) array: XLA:CPU vectorises that along C,
+# where a direct reduction over the (spatial, channel-in-group) axes of a (B, S, G, C/G) view
+# is strided. Digits-sized norms: forward 1.3-1.8x, forward + backward 1.2-1.8x faster
+# (benchmarks/README.md).
 
 
 def _forward(x: Array, scale: Array, bias: Array, groups: int,
              eps: float) -> tuple[Array, tuple[Array, Array, Array]]:
-  xg = _grouped(x, groups)
-  mean, rstd = _stats(xg, eps)
-  xhat = (xg - mean) * rstd
-  y = xhat.reshape(x.shape) * scale + bias
-  return y, (xhat, rstd, scale)
+  xs = _flat(x, groups)
+  n = xs.shape[1] * (xs.shape[2] // groups)
+  d = xs - _group_mean(jnp.sum(xs, axis=1), groups, n)
+  rstd = jax.lax.rsqrt(_group_mean(jnp.sum(d * d, axis=1), groups, n) + eps)
+  xhat = d * rstd
+  return (xhat * scale + bias).reshape(x.shape), (xhat, rstd, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -55,18 +64,18 @@ def _group_norm_fwd(x, scale, bias, groups, eps):
 
 
 def _group_norm_bwd(groups, eps, res, g):
-  del groups, eps   # the group count is xhat's axis 2
-  xhat, rstd, scale = res
-  gg = _grouped(g, xhat.shape[2])
-  reduce_axes = tuple(range(g.ndim - 1))
-  dbias = jnp.sum(g, axis=reduce_axes)
-  dscale = jnp.sum((gg * xhat).reshape(g.shape), axis=reduce_axes)
-  dxhat = gg * scale.reshape(xhat.shape[2:])
-  # d/dx of (x - mean) * rstd, per (example, group): the two group means below.
-  m1 = jnp.mean(dxhat, axis=(1, 3), keepdims=True)
-  m2 = jnp.mean(dxhat * xhat, axis=(1, 3), keepdims=True)
-  dx = (rstd * (dxhat - m1 - xhat * m2)).reshape(g.shape)
-  return dx, dscale, dbias
+  del eps
+  xhat, rstd, scale = res                    # xhat: (B, S, C)
+  n = xhat.shape[1] * (xhat.shape[2] // groups)
+  gs = g.reshape(xhat.shape)
+  g_sum = jnp.sum(gs, axis=1)                # (B, C)
+  gx_sum = jnp.sum(gs * xhat, axis=1)        # (B, C)
+  # d/dx of (x - mean) * rstd with dxhat = g * scale, per (example, group):
+  # rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)).
+  m1 = _group_mean(g_sum * scale, groups, n)
+  m2 = _group_mean(gx_sum * scale, groups, n)
+  dx = (rstd * (gs * scale - m1 - xhat * m2)).reshape(g.shape)
+  return dx, jnp.sum(gx_sum, axis=0), jnp.sum(g_sum, axis=0)
 
 
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdcl_jax.models import norm
+from jdcl_jax.models import dropout as dropout_lib, norm
 from jdcl_jax.models.conv import Conv, torch_bias_init, torch_uniform_init
 
 Array = jax.Array
@@ -134,6 +134,7 @@ class ExampleDropout(nn.Module):
   would train a different model. Here example i of the global batch gets
   fold_in(key, i), with i offset by the shard's position on `batch_axis` inside shard_map, so
   any data-parallel device count draws the same masks (1 vs 2 devices: tests/test_sharding.py).
+  The masks are jax.random.bernoulli's, computed as one fused kernel (models/dropout.py).
   """
   rate: float
   batch_axis: str | None = None
@@ -144,8 +145,7 @@ class ExampleDropout(nn.Module):
       return x
     key, n = self.make_rng("dropout"), x.shape[0]
     first = 0 if self.batch_axis is None else jax.lax.axis_index(self.batch_axis) * n
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(n))
-    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
+    keep = dropout_lib.example_keep_masks(key, first, n, x.shape[1:], 1.0 - self.rate)
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
