@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 import sys
 import time
@@ -11,6 +12,9 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jdcl_jax import hostenv  # noqa: E402
+
+hostenv.reexec_with_huge_pages()   # measure the process settings jdcl_jax.main runs with
 from hostinfo import host_cpu  # noqa: E402  (this folder is on sys.path)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -86,4 +90,5 @@ def flops_of(compiled) -> float:
 
 def device_info() -> dict:
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-          "num_devices": jax.device_count(), **host_cpu()}
+          "num_devices": jax.device_count(), **host_cpu(),
+          "malloc_hugetlb": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")}
