@@ -6,18 +6,30 @@ the replay set during a global stage). `meta["items"]` lists the items present a
 Orbax writes each step into a temporary directory and renames it when complete, so a kill leaves
 either the old or the new checkpoint. Restore walks the steps newest first and falls back to an
 older one when the newest is damaged (Orbax lists damaged steps as valid; JAX_STACK 5).
+
+Items are saved packed (`meta["format"] == PACKED`): one 1-D array per dtype, the leaves raveled
+and concatenated in tree order, and unpacked on restore against the same abstract tree. Orbax's
+cost is per array: a global-stage checkpoint of the digits run (student state, both teachers,
+replay set: ~1,500 arrays, 37 MB) blocked training 1.5-1.9 s and kept a core busy ~3 s in all;
+packed, 0.13 s (benchmarks/README.md). Checkpoints written before packing (no "format") are
+restored leaf by leaf as before. All items are replicated pytrees today; model-parallel state
+would need per-shard packing.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
 AbstractFn = Callable[[str, dict], PyTree]
+PACKED = "packed-v1"
 
 
 def make_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -33,22 +45,79 @@ def save(mngr: ocp.CheckpointManager, meta: dict, items: dict[str, PyTree]) -> i
   """Save `items` + `meta` as the next checkpoint id; returns it. Async: returns after the
   device-to-host copy, so the caller may donate the saved arrays afterwards."""
   ckpt_id = (mngr.latest_step() or 0) + 1
-  meta = {**meta, "items": sorted(items), "ckpt_id": ckpt_id}
-  args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+  meta = {**meta, "items": sorted(items), "ckpt_id": ckpt_id, "format": PACKED}
+  args = {name: ocp.args.StandardSave(pack(tree)) for name, tree in items.items()}
   args["meta"] = ocp.args.JsonSave(meta)
   mngr.save(ckpt_id, args=ocp.args.Composite(**args), force=True)
   return ckpt_id
+
+
+def _dtype_name(leaf: Any) -> str:
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    raise TypeError("checkpoint items cannot hold typed PRNG keys; store jax.random.key_data")
+  return np.dtype(leaf.dtype).name
+
+
+@jax.jit
+def _concat(leaves: tuple[jax.Array, ...]) -> jax.Array:
+  return jnp.concatenate([jnp.ravel(x) for x in leaves])
+
+
+def pack(tree: PyTree) -> dict[str, Any]:
+  """{dtype name: 1-D array}: the leaves of each dtype raveled and concatenated in tree order.
+  Device arrays are concatenated on their devices (one transfer each); host arrays on the host."""
+  groups: dict[str, list] = {}
+  for leaf in jax.tree.leaves(tree):
+    groups.setdefault(_dtype_name(leaf), []).append(leaf)
+  return {name: _concat(tuple(group)) if all(isinstance(x, jax.Array) for x in group)
+          else np.concatenate([np.ravel(np.asarray(x)) for x in group])
+          for name, group in groups.items()}
+
+
+def _packed_sizes(abstract: PyTree) -> dict[str, int]:
+  sizes: dict[str, int] = {}
+  for leaf in jax.tree.leaves(abstract):
+    sizes[_dtype_name(leaf)] = sizes.get(_dtype_name(leaf), 0) + math.prod(leaf.shape)
+  return sizes
+
+
+def unpack(packed: dict[str, np.ndarray], abstract: PyTree) -> PyTree:
+  """Inverse of `pack` for a tree shaped like `abstract` (ShapeDtypeStructs); leaves with a
+  sharding come back as arrays laid out by it, the others as numpy arrays."""
+  want = _packed_sizes(abstract)
+  got = {name: int(np.size(v)) for name, v in packed.items()}
+  if got != want:
+    raise ValueError(f"packed checkpoint item has sizes {got}, the restore target {want}")
+  leaves, treedef = jax.tree.flatten(abstract)
+  offset = dict.fromkeys(packed, 0)
+  out = []
+  for leaf in leaves:
+    name, n = _dtype_name(leaf), math.prod(leaf.shape)
+    value = np.asarray(packed[name][offset[name]:offset[name] + n]).reshape(leaf.shape)
+    offset[name] += n
+    sh = getattr(leaf, "sharding", None)
+    out.append(value if sh is None else
+               jax.make_array_from_callback(leaf.shape, sh, lambda idx, v=value: v[idx]))
+  return jax.tree.unflatten(treedef, out)
 
 
 def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def _restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict[str, PyTree]
-                   ) -> dict[str, PyTree]:
-  args = {n: ocp.args.StandardRestore(t) for n, t in targets.items()}
-  restored = mngr.restore(step, args=ocp.args.Composite(**args)) if args else {}
-  return {n: restored[n] for n in targets}
+def _restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict[str, PyTree],
+                   packed: bool) -> dict[str, PyTree]:
+  if not targets:
+    return {}
+  if not packed:      # written before packing: one array per leaf
+    args = {n: ocp.args.StandardRestore(t) for n, t in targets.items()}
+    restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    return {n: restored[n] for n in targets}
+  # Host templates (np.empty touches no memory) make Orbax return numpy arrays.
+  args = {n: ocp.args.StandardRestore({d: np.empty((size,), d) for d, size in
+                                       _packed_sizes(t).items()}) for n, t in targets.items()}
+  restored = mngr.restore(step, args=ocp.args.Composite(**args))
+  return {n: unpack(restored[n], t) for n, t in targets.items()}
 
 
 def restore_latest(mngr: ocp.CheckpointManager,
@@ -67,7 +136,7 @@ def restore_latest(mngr: ocp.CheckpointManager,
       continue
     targets = {n: abstract_fn(n, meta) for n in meta["items"]}
     try:
-      return meta, _restore_items(mngr, step, targets)
+      return meta, _restore_items(mngr, step, targets, meta.get("format") == PACKED)
     except Exception as e:  # pylint: disable=broad-except
       _warn_damaged(mngr, step, e)
   if steps:
