@@ -54,7 +54,8 @@ def get_config(arg=None):
   # mesh.cpu_devices), like replay sampling, evaluation and the KD teachers. Dropout masks follow
   # global example indices (unet.ExampleDropout), so the device count changes float summation
   # order only (--config.mesh.data=1 trains on one device, the teachers then run a step ahead on
-  # the other; seed 12 gave the same EMA matrix but one cell, one test image, in 800 s instead
+  # the other; seed 12 gave, before the fused dropout / GroupNorm / huge-page / packed-checkpoint
+  # changes, the same EMA matrix but one cell, one test image, in 800 s instead
   # of 717 s, same Intel Xeon host and session; benchmarks/README.md). Data-parallel CPU runs
   # once aborted on an XLA:CPU all-reduce timeout; stages.MAX_STEPS_AHEAD is the fix.
   c.mesh.data = -1
