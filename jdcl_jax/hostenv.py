@@ -5,9 +5,9 @@ device, 35 MB per device on two) with malloc at every call, and glibc serves and
 blocks that large with mmap/munmap. Every step then page-faults all of that memory back in
 4 KiB pages: 17,000 minor faults per digits step, the kernels that first touch a buffer
 paying for them. With `glibc.malloc.hugetlb=1` (glibc >= 2.35; older ones ignore it) malloc
-asks for transparent huge pages on those blocks: ~170-1,000 faults a step, and the digits
-local step ran 0.153 -> 0.143 s (one device) and 0.118-0.124 -> 0.110-0.116 s (two),
-benchmarks/README.md. glibc reads GLIBC_TUNABLES only at process start, hence the re-exec.
+asks for transparent huge pages on those blocks: ~170-1,000 faults a step; the digits local
+step ran 0.153 -> 0.143 s on one device and 2-3 % faster on two (benchmarks/README.md).
+glibc reads GLIBC_TUNABLES only at process start, hence the re-exec.
 """
 from __future__ import annotations
 
