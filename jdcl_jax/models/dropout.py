@@ -5,8 +5,8 @@ compile times down), so every dropout mask costs a loop of small kernels plus co
 digits local step (19 masks: 12 in the denoising pass, 7 in the classifier pass) that was
 17.6 ms of 252 ms of kernel time on one device. Written out as plain uint32 arithmetic, XLA
 fuses the 20 rounds and the mask compare into one elementwise kernel: 4-6x faster per mask
-(benchmarks/README.md), and the masks equal `jax.random.bernoulli(fold_in(key, i), p, shape)` bit for bit
-(tests/test_dropout.py), so training numbers do not change.
+(benchmarks/README.md), and the masks equal `jax.random.bernoulli(fold_in(key, i), p, shape)`
+bit for bit (tests/test_dropout.py), so training numbers do not change.
 
 Threefry-2x32 (Salmon et al., SC'11, 20 rounds) is the hash behind JAX's default PRNG. The
 bit layout reproduced here is JAX's partitionable one (`jax_threefry_partitionable`, the
