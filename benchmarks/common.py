@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import resource
 import sys
 import time
@@ -91,4 +90,4 @@ def flops_of(compiled) -> float:
 def device_info() -> dict:
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "num_devices": jax.device_count(), **host_cpu(),
-          "malloc_hugetlb": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")}
+          "malloc_hugetlb": hostenv.huge_pages_requested()}

@@ -69,7 +69,8 @@ def pack(tree: PyTree) -> dict[str, np.ndarray]:
 def _packed_sizes(abstract: PyTree) -> dict[str, int]:
   sizes: dict[str, int] = {}
   for leaf in jax.tree.leaves(abstract):
-    sizes[_dtype_name(leaf)] = sizes.get(_dtype_name(leaf), 0) + math.prod(leaf.shape)
+    name = _dtype_name(leaf)
+    sizes[name] = sizes.get(name, 0) + math.prod(leaf.shape)
   return sizes
 
 

@@ -19,9 +19,18 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "JDCL_KEEP_MALLOC"     # set (to anything) to keep the process as it was started
 
 
+def _sets_hugetlb(tunables: str | None) -> bool:
+  return bool(tunables) and "glibc.malloc.hugetlb" in tunables
+
+
+def huge_pages_requested() -> bool:
+  """Whether this process started with a glibc.malloc.hugetlb setting (ours or the user's)."""
+  return _sets_hugetlb(os.environ.get("GLIBC_TUNABLES"))
+
+
 def tunables_with_hugetlb(current: str | None) -> str | None:
   """GLIBC_TUNABLES with the huge-page setting added, or None if it is set already."""
-  if current and "glibc.malloc.hugetlb" in current:
+  if _sets_hugetlb(current):
     return None
   return f"{current}:{TUNABLE}" if current else TUNABLE
 

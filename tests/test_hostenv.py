@@ -45,3 +45,10 @@ def test_reexec_keeps_the_command_and_runs_once(tmp_path):
   out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True,
                        check=True).stdout.splitlines()
   assert out == ["start", "tunables None [] False"]
+
+
+def test_huge_pages_requested_reads_the_environment(monkeypatch):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert not hostenv.huge_pages_requested()
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  assert hostenv.huge_pages_requested()

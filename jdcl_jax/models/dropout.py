@@ -67,10 +67,6 @@ def example_keep_masks(key: Array, first: Array | int, n: int, shape: tuple[int,
   # the backward pass; materialising them once measured no faster.)
   f1, f2 = threefry2x32(k1, k2, jnp.zeros_like(index), index)
   col = (n,) + (1,) * len(shape)
-  flat = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for ax in reversed(range(len(shape))):
-    flat = flat + jax.lax.broadcasted_iota(jnp.uint32, shape, ax) * np.uint32(stride)
-    stride *= shape[ax]
+  flat = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)   # element counters
   b1, b2 = threefry2x32(f1.reshape(col), f2.reshape(col), jnp.zeros_like(flat), flat)
   return ((b1 ^ b2) >> np.uint32(9)) < _keep_threshold(p_keep)
