@@ -59,6 +59,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                      f"diffusion.num_timesteps={c.diffusion.num_timesteps} (the original spacing)")
   if c.replay.max_generated_factor < 1:
     raise ValueError("config.replay.max_generated_factor must be >= 1")
+  if not (c.glob.teacher_buckets >= 1 and c.glob.batch_size % c.glob.teacher_buckets == 0):
+    raise ValueError(f"config.glob.teacher_buckets={c.glob.teacher_buckets} must be >= 1 and "
+                     f"divide glob.batch_size={c.glob.batch_size}")
   if c.model.num_classes < 2:
     raise ValueError("config.model.num_classes must be >= 2")
 

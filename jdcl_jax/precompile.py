@@ -23,6 +23,7 @@ from absl import logging
 
 from jdcl_jax import sharding
 from jdcl_jax import state as state_lib
+from jdcl_jax.diffusion import losses
 from jdcl_jax.models import unet
 
 Job = tuple[str, Callable, tuple]
@@ -34,8 +35,8 @@ def _key() -> Any:
 
 
 def global_jobs(ctx: Any) -> list[Job]:
-  """(name, jitted fn, abstract args) of the teachers' inputs program and the student step,
-  as `stages.global_stage` calls them."""
+  """(name, jitted fn, abstract args) of the inputs program, the teacher program at every
+  subset size (steps.teacher_rows) and the student step, as `stages.global_stage` calls them."""
   fns, mesh, cfg = ctx.global_fns, ctx.mesh, ctx.config
   in_repl, in_data = (sharding.replicated(fns.inputs_mesh),
                       sharding.data_sharded(fns.inputs_mesh))
@@ -45,13 +46,22 @@ def global_jobs(ctx: Any) -> list[Job]:
   bs, image = cfg.glob.batch_size, ctx.data.x_train.shape[1:]
   inputs_args = (jax.ShapeDtypeStruct((bs, *image), np.uint8, sharding=in_data),
                  jax.ShapeDtypeStruct((bs,), np.int32, sharding=in_data),
-                 _key(), jax.ShapeDtypeStruct((), np.int32), params, params)
-  inputs = jax.eval_shape(fns.inputs_fn, *inputs_args)
+                 _key(), jax.ShapeDtypeStruct((), np.int32))
+  student, tin = jax.eval_shape(fns.inputs_fn, *inputs_args)
+  shards = fns.inputs_mesh.shape["data"]     # steps.teacher_rows: sizes step, 2 step, ..
+  step = fns.bucket // shards                # per shard, up to the shard's whole batch
+  teacher_jobs = [
+      (f"teacher_targets[{n}]", fns.teacher_fn,
+       (params, tin["x_noisy"], tin["t"], tin["x_cls"],
+        jax.ShapeDtypeStruct((n,), np.int32, sharding=in_data), tin["keys"][0]))
+      for n in range(step * shards, bs + 1, step * shards)]
+  targets = jax.eval_shape(fns.teacher_fn, *teacher_jobs[-1][2])
+  inputs = {**student, "targets": losses.KDTargets(*targets, *targets)}
   state = sharding.abstract(state_lib.abstract_state(shapes, ctx.tx), repl)
   k = ctx.model.config.num_classes
   gates = (jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=repl),) * 2 + (
       jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),) * 2
-  return [("global_inputs", fns.inputs_fn, inputs_args),
+  return [("global_inputs", fns.inputs_fn, inputs_args), *teacher_jobs,
           ("global_step", fns.step_fn, (state, inputs, *gates))]
 
 

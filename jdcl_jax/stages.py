@@ -96,12 +96,21 @@ def _train_loop(ctx: RunContext, st: state_lib.TrainState, stage: str, task: int
   return st, meta
 
 
+def _batch_indices(ctx: RunContext, stage: str, task: int, step: int, n: int) -> np.ndarray:
+  """Indices of global batch `step` of a stage: a function of (seed, task, stage, step)."""
+  bs = (ctx.config.local if stage == "local" else ctx.config.glob).batch_size
+  return batching.batch_indices(ctx.config.seed, task, stage, step, n, bs)
+
+
 def _batch(ctx: RunContext, stage: str, task: int, step: int, images: np.ndarray,
            labels: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
-  """Global batch `step` of a stage (a function of seed, task, stage, step), split on `mesh`."""
-  cfg = ctx.config
-  bs = (cfg.local if stage == "local" else cfg.glob).batch_size
-  idx = host_slice(batching.batch_indices(cfg.seed, task, stage, step, len(labels), bs))
+  """Global batch `step` of a stage, this process's share placed split on `mesh`."""
+  return _place(images, labels, _batch_indices(ctx, stage, task, step, len(labels)), mesh)
+
+
+def _place(images: np.ndarray, labels: np.ndarray, idx: np.ndarray,
+           mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
+  idx = batching.host_slice(idx)
   data_sh = sharding.data_sharded(mesh)
   return (batching.to_global_batch(images[idx], data_sh),
           batching.to_global_batch(labels[idx].astype(np.int32), data_sh))
@@ -118,12 +127,14 @@ def _local_advance(ctx: RunContext, task: int, images: np.ndarray,
 
 
 def _global_advance(ctx: RunContext, task: int, images: np.ndarray, labels: np.ndarray,
-                    teachers: tuple, gates: tuple, num_steps: int) -> Callable:
+                    teachers: tuple, masks: tuple, gates: tuple, num_steps: int) -> Callable:
   """Student steps fed by the teachers' outputs, computed one step ahead.
 
   The inputs of step s+1 are dispatched before the student step s, so on separate devices
-  they overlap it (see steps.global_inputs for what that measured on CPU). The inputs depend
-  only on (seed, task, step), so resuming and pipelining change no number.
+  they overlap it (see steps.global_inputs). Each teacher runs only on the rows of its own
+  classes (`masks`: G_{k-1}'s old classes, L_k's new ones; steps.teacher_rows), read off the
+  batch's labels here on the host. Everything depends only on (seed, task, step), so resuming
+  and pipelining change no number.
   """
   fns = ctx.global_fns
   rng = steps.stage_rng(ctx.config.seed, task, "global")
@@ -131,8 +142,11 @@ def _global_advance(ctx: RunContext, task: int, images: np.ndarray, labels: np.n
   pending = {}
 
   def prepare(step):
-    x, y = _batch(ctx, "global", task, step, images, labels, fns.inputs_mesh)
-    return fns.inputs_fn(x, y, rng, jnp.asarray(step, jnp.int32), *teachers)
+    idx = _batch_indices(ctx, "global", task, step, len(labels))
+    x, y = _place(images, labels, idx, fns.inputs_mesh)
+    student, tin = fns.inputs_fn(x, y, rng, jnp.asarray(step, jnp.int32))
+    return {**student,
+            "targets": steps.dispatch_targets(fns, teachers, tin, labels[idx], masks)}
 
   def advance(st, step):
     inputs = pending.pop(step) if step in pending else prepare(step)
@@ -140,11 +154,6 @@ def _global_advance(ctx: RunContext, task: int, images: np.ndarray, labels: np.n
       pending[step + 1] = prepare(step + 1)
     return fns.step_fn(st, inputs, *gates)
   return advance
-
-
-def host_slice(a: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch (all of it with one process)."""
-  return np.array_split(a, jax.process_count())[jax.process_index()]
 
 
 def _write_train_metrics(ctx: RunContext, stage: str, task: int, run_step: int,
@@ -221,13 +230,12 @@ def global_stage(ctx: RunContext, task: int, prev: state_lib.Snapshot,
   old = [c for j in range(task) for c in ctx.tasks[j]]
   cls_start = int(task_value(cfg, "cls_start_step", task))
   cls_kd_start = 0 if task_value(cfg, "cls_kd_no_wait", task) else cls_start
-  gates = sharding.to_mesh((jnp.asarray(scenario.class_mask(old, k)),
-                            jnp.asarray(scenario.class_mask(ctx.tasks[task], k)),
-                            jnp.asarray(cls_start, jnp.int32),
+  masks = (scenario.class_mask(old, k), scenario.class_mask(ctx.tasks[task], k))
+  gates = sharding.to_mesh((*map(jnp.asarray, masks), jnp.asarray(cls_start, jnp.int32),
                             jnp.asarray(cls_kd_start, jnp.int32)), ctx.mesh)
   num_steps = task_value(cfg, "steps", task)
   advance = _global_advance(ctx, task, replay["x"], replay["y"], (prev.params, local.params),
-                            gates, num_steps)
+                            masks, gates, num_steps)
   items = {"prev_global": prev, "local": local, "replay": replay}
   st, meta = _train_loop(ctx, st, "global", task, num_steps, advance, meta, items)
   return st.snapshot(), meta
@@ -254,7 +262,7 @@ def predict(ctx: RunContext, params: PyTree, x: np.ndarray) -> np.ndarray:
   for i in range(0, len(x), bs):
     chunk = x[i:i + bs]
     pad = np.zeros((bs - len(chunk),) + x.shape[1:], x.dtype)
-    batch = host_slice(np.concatenate([chunk, pad]))
+    batch = batching.host_slice(np.concatenate([chunk, pad]))
     logits = ctx.eval_fn(params, batching.to_global_batch(batch, data_sh))
     # Gather across processes so every host computes the same accuracies.
     logits = multihost_utils.process_allgather(logits, tiled=True)

@@ -12,12 +12,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from jdcl_jax import state as state_lib
 from jdcl_jax.data import augment
+from jdcl_jax.data import batching
 from jdcl_jax.diffusion import losses
 from jdcl_jax.diffusion.schedule import q_sample
 
@@ -105,29 +107,72 @@ def local_step(st: state_lib.TrainState, images_u8: jax.Array, labels: jax.Array
   return new, {**terms, "loss": loss, "lr": st.opt_state.hyperparams["learning_rate"]}
 
 
-def global_inputs(images_u8: jax.Array, labels: jax.Array, rng: jax.Array, step: jax.Array,
-                  old_params: PyTree, new_params: PyTree, *, model: Any, sched: Any,
-                  cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Everything global step `step` needs that does not depend on the student: the two views,
-  t, noise, the loss key and both frozen teachers' outputs (spec 3.2).
+def global_inputs(images_u8: jax.Array, labels: jax.Array, rng: jax.Array, step: jax.Array, *,
+                  sched: Any, cfg: ml_collections.ConfigDict
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """What global step `step` needs that depends on neither the student nor the teachers.
 
-  Split from `global_step` so it can run a step ahead, on devices the student step does not
-  use (stages.py): the teachers cost ~40 % of the KD step and never wait for the student.
-  Measured on the 2-core CPU host (digits KD step, student on one virtual device, teachers on
-  the other): 0.163 -> 0.149-0.153 s/step; the student step already keeps ~1.4 cores busy, so
-  the overlap is partial. Data-parallel over both devices instead (student via
-  `data_parallel_grad`, teachers sharded the same way): 0.132-0.135 s/step, the digits
-  default. The numbers are the inline kd_loss's (tests/test_steps.py).
+  Returns (the student step's inputs without "targets": the two views, t, noise, labels and
+  the loss key; the teachers' inputs: x_t, t, x^s and their two keys). Split from
+  `global_step` so the teachers (`teacher_targets`) run a step ahead, beside the student.
   """
   k_view, k_loss = jax.random.split(jax.random.fold_in(rng, step))
   x_diff, x_cls = two_views(k_view, images_u8, cfg.diffusion_view, cfg.classifier_view)
   k_draw, k_model = jax.random.split(k_loss)       # as losses.kd_loss splits its key
   t, noise = losses.draw_t_noise(k_draw, x_diff, sched)
-  x_noisy = q_sample(sched, x_diff, t, noise)
-  targets = losses.kd_targets(model, old_params, new_params, x_noisy, t, x_cls, k_model,
-                              cfg.teacher_dropout)
-  return {"x_diff": x_diff, "x_cls": x_cls, "label": labels, "t": t, "noise": noise,
-          "rng": k_model, "targets": targets}
+  student = {"x_diff": x_diff, "x_cls": x_cls, "label": labels, "t": t, "noise": noise,
+             "rng": k_model}
+  teachers = {"x_noisy": q_sample(sched, x_diff, t, noise), "t": t, "x_cls": x_cls,
+              "keys": losses.teacher_keys(k_model)}
+  return student, teachers
+
+
+def teacher_rows(labels: np.ndarray, member_K: np.ndarray, bucket: int,
+                 num_shards: int = 1) -> np.ndarray:
+  """Host side: the batch rows one teacher runs on, as int32 [num_shards * size] of row
+  indices local to each of the batch's `num_shards` equal shards (devices).
+
+  Spec 3.2 uses G_{k-1}'s outputs only on old-class samples and L_k's only on new-class ones,
+  so each teacher needs just its own subset. Its size varies from batch to batch (uniform
+  batches of the synthetic set), so each shard's part is rounded up to a multiple of
+  bucket / num_shards (at least one): a few compiled shapes, a few wasted rows. A shard's
+  subset rows come first, in batch order; the rest is filled with its other rows (outputs
+  there are masked out by the loss), so no index repeats within a shard.
+  """
+  member = np.asarray(member_K)[np.asarray(labels)].reshape(num_shards, -1)
+  step = bucket // num_shards
+  size = max(step, -(-int(member.sum(1).max()) // step) * step)
+  return np.concatenate([np.concatenate([np.flatnonzero(m), np.flatnonzero(~m)])[:size]
+                         for m in member]).astype(np.int32)
+
+
+def teacher_targets(params: PyTree, x_noisy: jax.Array, t: jax.Array, x_cls: jax.Array,
+                    rows: jax.Array, key: jax.Array, *, model: Any, train: bool,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """One frozen teacher's eps (on x_t) and softmax (on x^s), computed only on `rows`
+  (teacher_rows) and scattered back to batch-sized arrays, zero elsewhere.
+
+  On the digits KD step both teachers on the whole batch were 30 % of the step (0.051 of
+  0.170 s, 2-core host); a teacher's cost is linear in its rows. Each device gathers and
+  scatters within its own shard: a program with cross-device collectives dispatches
+  synchronously on XLA:CPU and would stall the pipeline. Dropout masks follow each row's
+  global batch position (unet.ExampleDropout), as in the whole-batch `losses.kd_targets`.
+  """
+  def per_shard(params, x_noisy, t, x_cls, rows, key, axis_name=None):
+    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * x_noisy.shape[0]
+    sub = model.clone(example_ids=first + rows)
+    eps_s, probs_s = losses.teacher_outputs(sub, params, x_noisy[rows], t[rows], x_cls[rows],
+                                            key, train)
+    eps = jnp.zeros_like(x_noisy).at[rows].set(eps_s, unique_indices=True)
+    probs = jnp.zeros(x_noisy.shape[:1] + probs_s.shape[1:], probs_s.dtype)
+    return eps, probs.at[rows].set(probs_s, unique_indices=True)
+
+  if mesh is None or mesh.shape["data"] == 1:
+    return per_shard(params, x_noisy, t, x_cls, rows, key)
+  data = P("data")
+  return jax.shard_map(functools.partial(per_shard, axis_name="data"), mesh=mesh,
+                       in_specs=(P(), data, data, data, data, P()), out_specs=(data, data)
+                       )(params, x_noisy, t, x_cls, rows, key)
 
 
 def global_step(st: state_lib.TrainState, inputs: dict[str, Any], old_mask: jax.Array,
@@ -135,7 +180,8 @@ def global_step(st: state_lib.TrainState, inputs: dict[str, Any], old_mask: jax.
                 model: Any, tx: optax.GradientTransformation, sched: Any,
                 cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
                 ) -> tuple[state_lib.TrainState, Metrics]:
-  """One global (KD) step of the student on `global_inputs(..., step=st.step)`.
+  """One global (KD) step of the student on the student half of
+  `global_inputs(..., step=st.step)` plus "targets", the teachers' `KDTargets`.
 
   `old_mask`/`new_mask` are length-K class masks and `cls_start`/`cls_kd_start` the warm-up
   lengths of the CE and classifier-KD terms, all traced, so one compiled step serves every task.
@@ -165,34 +211,68 @@ def global_step(st: state_lib.TrainState, inputs: dict[str, Any], old_mask: jax.
 
 class GlobalFns(NamedTuple):
   inputs_fn: Callable                    # jitted global_inputs, on inputs_mesh
+  teacher_fn: Callable                   # jitted teacher_targets, on inputs_mesh
   step_fn: Callable                      # jitted global_step, on the train mesh
   inputs_mesh: jax.sharding.Mesh
+  bucket: int                            # teacher_rows' granularity
+
+
+def teacher_bucket(cfg: ml_collections.ConfigDict) -> int:
+  """Rows per teacher-subset bucket: batch_size / teacher_buckets (1 = whole batch)."""
+  return cfg.batch_size // cfg.teacher_buckets
 
 
 def jit_global(mesh: jax.sharding.Mesh, inputs_mesh: jax.sharding.Mesh,
                **static: Any) -> GlobalFns:
-  """`global_inputs` jitted on `inputs_mesh`, `global_step` on `mesh`.
+  """`global_inputs` and `teacher_targets` jitted on `inputs_mesh`, `global_step` on `mesh`.
 
-  Batch-shaped values are split over each mesh's data axis; keys, teachers, masks and the
-  state are replicated. JAX moves the inputs between the meshes when they differ.
+  Batch-shaped values are split over each mesh's data axis (a teacher's rows too); keys,
+  teachers, masks and the state are replicated. JAX moves the inputs between the
+  meshes when they differ.
   """
   from jdcl_jax import sharding
 
-  def inputs_tree(m):   # the sharding of `global_inputs`' output on mesh m
+  def inputs_tree(m):   # the sharding of `global_step`'s inputs on mesh m
     repl, data = sharding.replicated(m), sharding.data_sharded(m)
     return {"x_diff": data, "x_cls": data, "label": data, "t": data, "noise": data,
             "rng": repl, "targets": losses.KDTargets(data, data, data, data)}
 
+  model, cfg = static["model"], static["cfg"]
   repl, data = sharding.replicated(inputs_mesh), sharding.data_sharded(inputs_mesh)
-  inputs_fn = jax.jit(functools.partial(global_inputs, model=static["model"],
-                                        sched=static["sched"], cfg=static["cfg"]),
-                      in_shardings=(data, data, repl, repl, repl, repl),
-                      out_shardings=inputs_tree(inputs_mesh))
+  student = {k: v for k, v in inputs_tree(inputs_mesh).items() if k != "targets"}
+  teachers = {"x_noisy": data, "t": data, "x_cls": data, "keys": (repl, repl)}
+  inputs_fn = jax.jit(functools.partial(global_inputs, sched=static["sched"], cfg=cfg),
+                      in_shardings=(data, data, repl, repl),
+                      out_shardings=(student, teachers))
+  teacher_fn = jax.jit(functools.partial(teacher_targets, model=model,
+                                         train=cfg.teacher_dropout, mesh=inputs_mesh),
+                       in_shardings=(repl, data, data, data, data, repl),
+                       out_shardings=(data, data))
   repl = sharding.replicated(mesh)
   step_fn = jax.jit(functools.partial(global_step, mesh=mesh, **static),
                     in_shardings=(repl, inputs_tree(mesh), repl, repl, repl, repl),
                     out_shardings=(repl, repl), donate_argnums=0)
-  return GlobalFns(inputs_fn, step_fn, inputs_mesh)
+  return GlobalFns(inputs_fn, teacher_fn, step_fn, inputs_mesh, teacher_bucket(cfg))
+
+
+def dispatch_targets(fns: GlobalFns, teachers: tuple[PyTree, PyTree],
+                     teacher_inputs: dict[str, Any], labels: np.ndarray,
+                     masks: tuple[np.ndarray, np.ndarray]) -> losses.KDTargets:
+  """Host side: run G_{k-1} on the batch's old-class rows and L_k on its new-class rows.
+
+  labels: the whole global batch's labels on the host; masks: (old, new) bool [K] class
+  masks; teachers: (G_{k-1}, L_k) params on `fns.inputs_mesh`.
+  """
+  from jdcl_jax import sharding  # local import keeps this module free of mesh state
+  shards = fns.inputs_mesh.shape["data"]
+  data = sharding.data_sharded(fns.inputs_mesh)
+  outs = []
+  for params, mask, key in zip(teachers, masks, teacher_inputs["keys"]):
+    rows = teacher_rows(labels, mask, fns.bucket, shards)
+    rows = batching.to_global_batch(batching.host_slice(rows), data)
+    outs.append(fns.teacher_fn(params, teacher_inputs["x_noisy"], teacher_inputs["t"],
+                               teacher_inputs["x_cls"], rows, key))
+  return losses.KDTargets(*outs[0], *outs[1])
 
 
 def eval_logits(params: PyTree, images_u8: jax.Array, *, model: Any) -> jax.Array:

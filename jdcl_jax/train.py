@@ -46,6 +46,9 @@ def _build_context(config: ml_collections.ConfigDict, workdir: str) -> stages.Ru
                       ("eval.batch_size", config.eval.batch_size, sample_mesh),
                       ("replay.sample_batch_size", config.replay.sample_batch_size, sample_mesh)):
     sharding.check_batch_divisible(bs, m, what)
+  inputs_mesh = sharding.spare_mesh(mesh, sample_mesh, config.glob.batch_size)
+  sharding.check_batch_divisible(steps.teacher_bucket(config.glob), inputs_mesh,
+                                 "glob.batch_size / glob.teacher_buckets")
   model = unet.JointUNet(unet.ModelConfig(**config.model.to_dict()))
   sched = schedule_lib.make_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start,
                                      config.diffusion.beta_end)
@@ -64,9 +67,7 @@ def _build_context(config: ml_collections.ConfigDict, workdir: str) -> stages.Ru
       tasks=tasks, mngr=checkpointing.make_manager(workdir, config.checkpoint.max_to_keep),
       writer=writer, hooks=tuple(hooks), tx=tx,
       local_step=steps.jit_step(steps.local_step, mesh, cfg=config.local, **static),
-      global_fns=steps.jit_global(
-          mesh, sharding.spare_mesh(mesh, sample_mesh, config.glob.batch_size),
-          cfg=config.glob, **static),
+      global_fns=steps.jit_global(mesh, inputs_mesh, cfg=config.glob, **static),
       eval_fn=jax.jit(functools.partial(steps.eval_logits, model=model),
                       in_shardings=(sharding.replicated(sample_mesh),
                                     sharding.data_sharded(sample_mesh)),

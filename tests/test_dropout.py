@@ -7,8 +7,8 @@ import pytest
 from jdcl_jax.models import dropout
 
 
-def _reference(key, first, n, shape, p_keep):
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(n))
+def _reference(key, index, shape, p_keep):
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
   return jax.vmap(lambda k: jax.random.bernoulli(k, p_keep, shape))(keys)
 
 
@@ -16,10 +16,17 @@ def _reference(key, first, n, shape, p_keep):
                                                 ((256,), 0.5, 5), ((3, 5), 0.999, 2 ** 31 - 6)])
 def test_masks_equal_jax_random_bernoulli(shape, p_keep, first):
   key = jax.random.key(11)
-  ours = jax.jit(dropout.example_keep_masks, static_argnums=(2, 3, 4))(key, first, 6, shape,
-                                                                         p_keep)
-  np.testing.assert_array_equal(ours, _reference(key, first, 6, shape, p_keep))
+  index = first + jnp.arange(6)
+  ours = jax.jit(dropout.example_keep_masks, static_argnums=(2, 3))(key, index, shape, p_keep)
+  np.testing.assert_array_equal(ours, _reference(key, index, shape, p_keep))
   assert ours.dtype == jnp.bool_ and ours.shape == (6,) + shape
+
+
+def test_masks_follow_arbitrary_example_ids():
+  """A gathered subset of rows (the KD teachers' subsets) gets each row's own mask."""
+  key, ids = jax.random.key(2), jnp.array([9, 2, 40, 3])
+  np.testing.assert_array_equal(dropout.example_keep_masks(key, ids, (4, 4, 8), 0.9),
+                                _reference(key, ids, (4, 4, 8), 0.9))
 
 
 def test_block_function_is_threefry():
@@ -33,8 +40,8 @@ def test_block_function_is_threefry():
 
 def test_other_prng_impls_take_the_plain_path():
   key = jax.random.key(4, impl="rbg")
-  np.testing.assert_array_equal(dropout.example_keep_masks(key, 0, 3, (5, 5), 0.8),
-                                _reference(key, 0, 3, (5, 5), 0.8))
+  np.testing.assert_array_equal(dropout.example_keep_masks(key, jnp.arange(3), (5, 5), 0.8),
+                                _reference(key, jnp.arange(3), (5, 5), 0.8))
 
 
 def test_threshold_matches_uniform_compare():

@@ -52,6 +52,8 @@ def test_each_program_traced_once_per_run(finished_run):
   # the step's own outputs once cost a second trace + compile of each train step.
   for name in ("local_step", "global_inputs", "global_step", "_generate", "eval_logits"):
     assert TRACES[name] == 1, (name, dict(TRACES))
+  # one trace per teacher-subset size (steps.teacher_rows), all four compiled in the background
+  assert TRACES["teacher_targets"] == 4, dict(TRACES)
 
 
 def test_results_json_and_event_files(finished_run):

@@ -16,7 +16,9 @@ def test_jdcl_later_programs_compile_in_background(tmp_path):
   finally:
     ctx.mngr.close()
     ctx.writer.close()
-  assert names == ["generate", "global_inputs", "global_step"]
+  # tiny: glob.batch_size 16, 4 teacher buckets -> one teacher program per subset size
+  assert names == ["generate", "global_inputs", "teacher_targets[4]", "teacher_targets[8]",
+                   "teacher_targets[12]", "teacher_targets[16]", "global_step"]
 
 
 def test_failures_are_logged_not_raised(monkeypatch):

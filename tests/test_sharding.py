@@ -61,9 +61,10 @@ for n in (1, 2):
   fns = steps.jit_global(mesh, mesh, model=model, tx=tx, sched=sched, cfg=c.glob)
   teachers = sharding.to_mesh((params, jax.device_get(st.params)), mesh)   # st is donated
   g = sharding.to_mesh(gates, mesh)
-  for s in range(2):
-    inputs = fns.inputs_fn(x, y, jax.random.key(2), jnp.int32(s), *teachers)
-    st, gm = fns.step_fn(st, inputs, *g)
+  for s in range(2):   # each teacher on its own rows, as stages._global_advance runs them
+    student, tin = fns.inputs_fn(x, y, jax.random.key(2), jnp.int32(s))
+    targets = steps.dispatch_targets(fns, teachers, tin, y, (np.asarray(old), np.asarray(new)))
+    st, gm = fns.step_fn(st, {**student, "targets": targets}, *g)
   out[n] = (jax.device_get(m), jax.device_get(gm), jax.device_get(st.params))
 # conv_impl=matmul (custom-VJP convs) inside the data-parallel shard_map: its gradients must
 # keep the per-device (varying) type and equal XLA's convs on one device.

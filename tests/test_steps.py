@@ -33,40 +33,90 @@ def test_global_step_compiles_once_for_all_tasks(setup):
   mesh = sharding.make_mesh(1)
   fns = steps.jit_global(mesh, mesh, model=model, tx=tx, sched=sched, cfg=c.glob)
   fns = fns._replace(
-      inputs_fn=jax.jit(functools.partial(traced_inputs, model=model, sched=sched, cfg=c.glob)),
+      inputs_fn=jax.jit(functools.partial(traced_inputs, sched=sched, cfg=c.glob)),
       step_fn=jax.jit(functools.partial(traced_step, model=model, tx=tx, sched=sched,
                                         cfg=c.glob)))
   for task, lr in ((1, 2e-4), (2, 2e-5), (3, 2e-4)):
-    old = jnp.arange(10) < 2 * task
-    new = (jnp.arange(10) >= 2 * task) & (jnp.arange(10) < 2 * task + 2)
-    st = state_lib.new_state(state_lib.fresh_snapshot(params), tx, lr)
+    old = np.arange(10) < 2 * task
+    new = (np.arange(10) >= 2 * task) & (np.arange(10) < 2 * task + 2)
+    # committed, as stages._new_state does (an uncommitted state retraces the step)
+    st = sharding.to_mesh(state_lib.new_state(state_lib.fresh_snapshot(params), tx, lr), mesh)
     for step in range(2):
-      inputs = fns.inputs_fn(x, y, steps.stage_rng(0, task, "global"), jnp.int32(step),
-                             params, params)
-      st, m = fns.step_fn(st, inputs, old, new, jnp.int32(task), jnp.int32(0))
+      student, tin = fns.inputs_fn(x, y, steps.stage_rng(0, task, "global"), jnp.int32(step))
+      targets = steps.dispatch_targets(fns, (params, params), tin, y, (old, new))
+      st, m = fns.step_fn(st, {**student, "targets": targets}, jnp.asarray(old),
+                          jnp.asarray(new), jnp.int32(task), jnp.int32(0))
     assert np.isfinite(float(m["loss"]))
     assert float(m["lr"]) == pytest.approx(lr)
 
 
-def test_global_inputs_equal_the_inline_kd_loss(setup):
-  """Teachers computed apart (as the pipelined engine does) give kd_loss's exact numbers."""
+def _kd_setup(setup, teacher_buckets, teacher_dropout=False):
   c, model, sched, tx, params, x, y = setup
+  cfg = c.glob.copy_and_resolve_references()
+  cfg.teacher_buckets, cfg.teacher_dropout = teacher_buckets, teacher_dropout
+  mesh = sharding.make_mesh(1)
+  return cfg, steps.jit_global(mesh, mesh, model=model, tx=tx, sched=sched, cfg=cfg)
+
+
+@pytest.mark.parametrize("teacher_buckets,teacher_dropout", [(1, False), (4, False), (4, True)])
+def test_teachers_apart_equal_the_inline_kd_loss(setup, teacher_buckets, teacher_dropout):
+  """Teachers computed apart, each on its own rows only (as the pipelined engine does), give
+  kd_loss's numbers: every loss term, and each teacher's outputs on its own rows. With
+  teacher dropout, a subset row draws its batch position's mask, as in the whole batch."""
+  c, model, sched, tx, params, x, y = setup
+  cfg, fns = _kd_setup(setup, teacher_buckets, teacher_dropout)
   other = jax.tree.map(lambda p: p * 0.9, params)
-  old, new = jnp.arange(10) < 4, (jnp.arange(10) >= 4) & (jnp.arange(10) < 6)
+  old, new = np.arange(10) < 4, (np.arange(10) >= 4) & (np.arange(10) < 6)
   rng, step = steps.stage_rng(5, 2, "global"), 3
-  inputs = steps.global_inputs(x, y, rng, jnp.int32(step), params, other, model=model,
-                               sched=sched, cfg=c.glob)
+  student, tin = steps.global_inputs(x, y, rng, jnp.int32(step), sched=sched, cfg=cfg)
+  targets = steps.dispatch_targets(fns, (params, other), tin, y, (old, new))
   kw = dict(old_class_mask_K=old, new_class_mask_K=new, cls_active=True,
-            weights=losses.KDWeights(0.01, 1e-5, 1.0, 1e-3), teacher_train=False)
+            weights=losses.KDWeights(0.01, 1e-5, 1.0, 1e-3), teacher_train=teacher_dropout)
   _, k_loss = jax.random.split(jax.random.fold_in(rng, step))
-  batch = {k: inputs[k] for k in ("x_diff", "x_cls", "label")}
+  batch = {k: student[k] for k in ("x_diff", "x_cls", "label")}
   inline, t_inline = losses.kd_loss(model, params, params, other, batch, k_loss, sched, **kw)
-  apart, t_apart = losses.kd_terms(model, params, None, None, batch, inputs["t"],
-                                   inputs["noise"], inputs["rng"], sched,
-                                   targets=inputs["targets"], **kw)
-  assert float(inline) == pytest.approx(float(apart), rel=1e-6)
+  apart, t_apart = losses.kd_terms(model, params, None, None, batch, student["t"],
+                                   student["noise"], student["rng"], sched, targets=targets,
+                                   **kw)
+  assert float(inline) == pytest.approx(float(apart), rel=1e-5)
   for name in ("eps_mse_old", "eps_mse_new", "softce_old", "softce_new", "n_old", "n_new"):
-    assert float(t_inline[name]) == pytest.approx(float(t_apart[name]), rel=1e-6), name
+    assert float(t_inline[name]) == pytest.approx(float(t_apart[name]), rel=1e-5), name
+  full = losses.kd_targets(model, params, other, tin["x_noisy"], tin["t"], tin["x_cls"],
+                           student["rng"], teacher_dropout)
+  for i, mask in ((0, old[y]), (2, new[y])):
+    for j in (i, i + 1):                   # eps, then probs, of that teacher
+      np.testing.assert_allclose(np.asarray(targets[j])[mask], np.asarray(full[j])[mask],
+                                 rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_rows_cover_each_subset_in_a_few_sizes():
+  labels = np.array([0, 3, 1, 1, 2, 0, 3, 3])
+  old = np.array([True, True, False, False])          # classes 0, 1
+  rows = steps.teacher_rows(labels, old, bucket=2)
+  assert rows.tolist() == [0, 2, 3, 5]                 # 4 old rows: exactly 2 buckets
+  rows = steps.teacher_rows(labels, ~old, bucket=3)
+  assert rows[:4].tolist() == [1, 4, 6, 7] and len(rows) == 6 == len(set(rows.tolist()))
+  assert len(steps.teacher_rows(labels, np.zeros(4, bool), bucket=2)) == 2   # never empty
+  assert steps.teacher_rows(labels, old, bucket=8).tolist() == [0, 2, 3, 5, 1, 4, 6, 7]
+  # two shards of 4 rows (old rows 0,2,3 | 1): per-shard local rows, one common size
+  assert steps.teacher_rows(labels, old, bucket=4, num_shards=2).tolist() == [0, 2, 3, 1,
+                                                                             1, 0, 2, 3]
+  assert steps.teacher_rows(labels, ~old, bucket=2, num_shards=2).tolist() == [1, 0, 2, 0, 2, 3]
+
+
+def test_rows_outside_a_teachers_subset_are_zero(setup):
+  c, model, sched, tx, params, x, y = setup
+  cfg, fns = _kd_setup(setup, 4)
+  old = np.arange(10) < 3
+  _, tin = steps.global_inputs(x, y, steps.stage_rng(0, 2, "global"), jnp.int32(0),
+                               sched=sched, cfg=cfg)
+  rows = steps.teacher_rows(y, old, fns.bucket)
+  eps, probs = fns.teacher_fn(params, tin["x_noisy"], tin["t"], tin["x_cls"],
+                              jnp.asarray(rows), tin["keys"][0])
+  outside = np.setdiff1d(np.arange(len(y)), rows)
+  assert len(outside) > 0
+  assert not np.asarray(eps)[outside].any() and not np.asarray(probs)[outside].any()
+  np.testing.assert_allclose(np.asarray(probs)[rows].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_local_step_is_deterministic_and_updates_ema(setup):

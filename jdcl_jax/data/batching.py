@@ -65,6 +65,11 @@ def ssl_batch_indices(seed: int, task: int, step: int, num_labelled: int,
                         mu * labelled_batch))
 
 
+def host_slice(a: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch (all of it with one process)."""
+  return np.array_split(a, jax.process_count())[jax.process_index()]
+
+
 def to_global_batch(np_batch: Any, sharding: jax.sharding.Sharding) -> Any:
   """Host-local numpy pytree -> jax.Arrays laid out by `sharding`.
 

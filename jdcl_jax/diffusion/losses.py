@@ -138,16 +138,21 @@ def local_loss(model: nn.Module, params: Params, batch: Batch, rng: jax.Array,
 # ---------------------------------------------------------------- (3.2) global KD
 
 
-def _teacher_outputs(model, teacher_params, x_noisy, t, x_cls, rng, train, axis_name):
-  """Teacher eps on x_noisy and softmax(logits) on x_cls, with gradients stopped.
-
-  Run on the whole batch (static shapes); the mask selects what counts.
-  """
+def teacher_outputs(model: nn.Module, teacher_params: Params, x_noisy: jax.Array,
+                    t: jax.Array, x_cls: jax.Array, rng: jax.Array, train: bool,
+                    axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Teacher eps on x_noisy and softmax(logits) on x_cls, with gradients stopped."""
   k_eps, k_cls = jax.random.split(rng)
   eps = eps_pass(model, teacher_params, x_noisy, t, k_eps, train, axis_name)
   probs = jax.nn.softmax(logits_pass(model, teacher_params, x_cls, k_cls, train, axis_name),
                          axis=-1)
   return jax.lax.stop_gradient(eps), jax.lax.stop_gradient(probs)
+
+
+def teacher_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The keys of G_{k-1} and L_k inside `kd_terms(rng=...)` (its other two are the student's)."""
+  _, _, k_old, k_new = jax.random.split(rng, 4)
+  return k_old, k_new
 
 
 class KDTargets(NamedTuple):
@@ -161,12 +166,13 @@ class KDTargets(NamedTuple):
 def kd_targets(model: nn.Module, old_params: Params, new_params: Params, x_noisy: jax.Array,
                t: jax.Array, x_cls: jax.Array, rng: jax.Array,
                teacher_train: bool, axis_name: str | None = None) -> KDTargets:
-  """Both teachers on the whole batch. `rng` is the key `kd_terms` gets, split the same way,
-  so targets computed apart (a step ahead, on another device) equal the inline ones."""
-  _, _, k_old, k_new = jax.random.split(rng, 4)
-  eps_old, probs_old = _teacher_outputs(model, old_params, x_noisy, t, x_cls, k_old,
+  """Both teachers on the whole batch (the masks in `kd_terms` select what counts). `rng` is
+  the key `kd_terms` gets, split the same way, so targets computed apart (steps.py: a step
+  ahead, each teacher only on its own subset) match the inline ones."""
+  k_old, k_new = teacher_keys(rng)
+  eps_old, probs_old = teacher_outputs(model, old_params, x_noisy, t, x_cls, k_old,
                                         teacher_train, axis_name)
-  eps_new, probs_new = _teacher_outputs(model, new_params, x_noisy, t, x_cls, k_new,
+  eps_new, probs_new = teacher_outputs(model, new_params, x_noisy, t, x_cls, k_new,
                                         teacher_train, axis_name)
   return KDTargets(eps_old, probs_old, eps_new, probs_new)
 

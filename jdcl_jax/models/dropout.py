@@ -54,10 +54,11 @@ def _keep_threshold(p_keep: float) -> np.uint32:
   return np.uint32(math.ceil(float(np.float32(p_keep)) * 2 ** 23))
 
 
-def example_keep_masks(key: Array, first: Array | int, n: int, shape: tuple[int, ...],
+def example_keep_masks(key: Array, index: Array, shape: tuple[int, ...],
                        p_keep: float) -> Array:
-  """bool [n, *shape]: row j equals bernoulli(fold_in(key, first + j), p_keep, shape)."""
-  index = (jnp.asarray(first) + jnp.arange(n)).astype(jnp.uint32)
+  """bool [n, *shape]: row j equals bernoulli(fold_in(key, index[j]), p_keep, shape)."""
+  index = jnp.asarray(index).astype(jnp.uint32)
+  n = index.shape[0]
   if not _is_threefry(key) or math.prod(shape) >= 2 ** 32:
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
     return jax.vmap(lambda k: jax.random.bernoulli(k, p_keep, shape))(keys)

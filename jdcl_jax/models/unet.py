@@ -138,14 +138,19 @@ class ExampleDropout(nn.Module):
   """
   rate: float
   batch_axis: str | None = None
+  example_ids: Array | None = None   # the rows' global batch positions, when not consecutive
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     if deterministic or self.rate == 0.0:
       return x
     key, n = self.make_rng("dropout"), x.shape[0]
-    first = 0 if self.batch_axis is None else jax.lax.axis_index(self.batch_axis) * n
-    keep = dropout_lib.example_keep_masks(key, first, n, x.shape[1:], 1.0 - self.rate)
+    if self.example_ids is not None:
+      index = self.example_ids
+    else:
+      first = 0 if self.batch_axis is None else jax.lax.axis_index(self.batch_axis) * n
+      index = first + jnp.arange(n)
+    keep = dropout_lib.example_keep_masks(key, index, x.shape[1:], 1.0 - self.rate)
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
@@ -156,6 +161,7 @@ class ResBlock(nn.Module):
   conv_impl: str
   dtype: Any
   batch_axis: str | None = None
+  example_ids: Array | None = None
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool) -> Array:
@@ -164,7 +170,8 @@ class ResBlock(nn.Module):
     emb_out = Linear(2 * self.out_channels, dtype=self.dtype, name="emb_dense")(nn.silu(emb))
     scale, shift = jnp.split(emb_out[:, None, None, :], 2, axis=-1)   # scale is the first half
     h = GroupNorm32(name="out_norm")(h) * (1 + scale) + shift
-    h = ExampleDropout(self.dropout, self.batch_axis)(nn.silu(h), deterministic=not train)
+    h = ExampleDropout(self.dropout, self.batch_axis, self.example_ids)(
+        nn.silu(h), deterministic=not train)
     h = conv(self.out_channels, zero_init=True, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, kernel_size=1, padding=0, name="skip")(x)
@@ -232,15 +239,18 @@ class JointUNet(nn.Module):
 
   `batch_axis`: set (via `model.clone`) when the batch is one shard of a batch split over that
   shard_map axis, so dropout masks follow global example indices (`ExampleDropout`).
+  `example_ids`: set instead when the rows are a gathered subset of the batch (the KD
+  teachers, steps.teacher_targets): their global batch positions.
   """
   config: ModelConfig
   batch_axis: str | None = None
+  example_ids: Array | None = None
 
   def setup(self) -> None:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     res = functools.partial(ResBlock, dropout=cfg.dropout, conv_impl=cfg.conv_impl, dtype=dtype,
-                            batch_axis=self.batch_axis)
+                            batch_axis=self.batch_axis, example_ids=self.example_ids)
     attn = functools.partial(AttentionBlock, num_heads=cfg.num_heads,
                              num_head_channels=cfg.num_head_channels, dtype=dtype)
     ch = cfg.model_channels
@@ -273,7 +283,7 @@ class JointUNet(nn.Module):
     self.out_norm = GroupNorm32()
     self.out_conv = Conv(cfg.out_channels, zero_init=True, impl=cfg.conv_impl, dtype=dtype)
     self.classifier_0 = Linear(cfg.classifier_hidden, dtype=dtype)
-    self.classifier_dropout = ExampleDropout(cfg.dropout, self.batch_axis)
+    self.classifier_dropout = ExampleDropout(cfg.dropout, self.batch_axis, self.example_ids)
     self.classifier_3 = Linear(cfg.num_classes, dtype=dtype)
 
   def _embed(self, t_B: Array) -> Array:
