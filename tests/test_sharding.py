@@ -49,17 +49,18 @@ local_loss = functools.partial(steps._local_loss, model=model, sched=sched, cls_
 grads = {}
 
 out, ar = {}, {}
-for n in (1, 2):
-  mesh = sharding.make_mesh(n)
-  grads[n] = jax.jit(lambda p, b: steps.data_parallel_grad(
+for n in (1, 2, "spare"):   # "spare": train on device 0, teachers on device 1 (mesh.data=1)
+  mesh = sharding.make_mesh(1 if n == "spare" else n)
+  inputs_mesh = sharding.spare_mesh(mesh, sharding.make_mesh(2), 16) if n == "spare" else mesh
+  grads[n] = grads[1] if n == "spare" else jax.jit(lambda p, b: steps.data_parallel_grad(
       local_loss, p, b, jax.random.key(3), None, mesh)[1])(params, gbatch)
   fn = steps.jit_step(steps.local_step, mesh, model=model, tx=tx, sched=sched, cfg=c.local)
   st = sharding.to_mesh(state_lib.new_state(state_lib.fresh_snapshot(params), tx, 2e-4), mesh)
   ar[n] = allreduces(fn.lower(st, x, y, jax.random.key(1)).compile())
   for _ in range(2):
     st, m = fn(st, x, y, jax.random.key(1))
-  fns = steps.jit_global(mesh, mesh, model=model, tx=tx, sched=sched, cfg=c.glob)
-  teachers = sharding.to_mesh((params, jax.device_get(st.params)), mesh)   # st is donated
+  fns = steps.jit_global(mesh, inputs_mesh, model=model, tx=tx, sched=sched, cfg=c.glob)
+  teachers = sharding.to_mesh((params, jax.device_get(st.params)), inputs_mesh)   # st donated
   g = sharding.to_mesh(gates, mesh)
   for s in range(2):   # each teacher on its own rows, as stages._global_advance runs them
     student, tin = fns.inputs_fn(x, y, jax.random.key(2), jnp.int32(s))
@@ -78,6 +79,9 @@ print(json.dumps({
     "devices": jax.device_count(),
     "local_terms_diff": max(abs(float(out[1][0][k]) - float(out[2][0][k])) for k in out[1][0]),
     "global_terms_diff": max(abs(float(out[1][1][k]) - float(out[2][1][k])) for k in out[1][1]),
+    "spare_global_terms_diff": max(abs(float(out[1][1][k]) - float(out["spare"][1][k]))
+                                   for k in out[1][1]),
+    "spare_inputs_devices": [d.id for d in inputs_mesh.devices.flat],
     "n_old": [float(out[1][1]["n_old"]), float(out[2][1]["n_old"])],
     "max_param_diff": diff, "allreduce_sizes_2dev": ar[2], "allreduces_1dev": len(ar[1]),
     "max_grad_diff": max(float(np.max(np.abs(a - b))) for a, b in
@@ -103,6 +107,8 @@ def test_two_device_mesh_matches_one_device():
   assert res["devices"] == 2
   assert res["n_old"][0] == res["n_old"][1] == 8.0, res
   assert res["local_terms_diff"] < 1e-5 and res["global_terms_diff"] < 1e-5, res
+  # mesh.data=1: the teachers run on the spare device, their outputs move to the train device
+  assert res["spare_inputs_devices"] == [1] and res["spare_global_terms_diff"] < 1e-5, res
   assert res["max_param_diff"] < 1e-5, res
   assert res["max_grad"] > 1e-2 and res["max_grad_diff"] < 1e-6, res
   assert res["max_grad_diff_matmul_conv"] < 1e-5, res
