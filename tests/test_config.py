@@ -46,6 +46,8 @@ def test_unknown_variant_argument():
     ("replay.fill", "copy", "config.replay.fill"),
     ("local.steps", 0, "config.local.steps"),
     ("model.conv_impl", "fft", "config.model.conv_impl"),
+    ("glob.teacher_buckets", 3, "config.glob.teacher_buckets"),   # 3 does not divide 16
+    ("glob.teacher_buckets", 0, "config.glob.teacher_buckets"),
 ])
 def test_bad_values_name_the_field(field, value, match):
   c = load("tiny")
