@@ -33,8 +33,9 @@ PER_TASK_KEYS = {"local": ("steps", "lr"),
 # host), and a dispatch that finds 32 programs in flight on a device blocks one of those
 # threads; a collective then waits for its other half forever and the process aborts after
 # 40 s ("Termination timeout for all reduce ... only 1 of them arrived"). Unbounded, a
-# data-parallel run hit this at its first KD step (2 programs per step); 4 steps ahead keep
-# at most ~10 programs in flight and still hide dispatch. benchmarks/README.md has the repro.
+# data-parallel run hit this at its first KD step (then 2 programs per step); 4 steps ahead
+# keep at most ~20 programs in flight (a KD step is now 4: inputs, two teachers, student) and
+# still hide dispatch. benchmarks/README.md has the repro.
 MAX_STEPS_AHEAD = 4
 
 
