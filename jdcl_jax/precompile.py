@@ -23,6 +23,7 @@ from absl import logging
 
 from jdcl_jax import sharding
 from jdcl_jax import state as state_lib
+from jdcl_jax import steps
 from jdcl_jax.diffusion import losses
 from jdcl_jax.models import unet
 
@@ -48,13 +49,11 @@ def global_jobs(ctx: Any) -> list[Job]:
                  jax.ShapeDtypeStruct((bs,), np.int32, sharding=in_data),
                  _key(), jax.ShapeDtypeStruct((), np.int32))
   student, tin = jax.eval_shape(fns.inputs_fn, *inputs_args)
-  shards = fns.inputs_mesh.shape["data"]     # steps.teacher_rows: sizes step, 2 step, ..
-  step = fns.bucket // shards                # per shard, up to the shard's whole batch
   teacher_jobs = [
       (f"teacher_targets[{n}]", fns.teacher_fn,
        (params, tin["x_noisy"], tin["t"], tin["x_cls"],
         jax.ShapeDtypeStruct((n,), np.int32, sharding=in_data), tin["keys"][0]))
-      for n in range(step * shards, bs + 1, step * shards)]
+      for n in steps.teacher_sizes(fns.bucket, fns.inputs_mesh.shape["data"], bs)]
   targets = jax.eval_shape(fns.teacher_fn, *teacher_jobs[-1][2])
   inputs = {**student, "targets": losses.KDTargets(*targets, *targets)}
   state = sharding.abstract(state_lib.abstract_state(shapes, ctx.tx), repl)

@@ -141,9 +141,16 @@ def teacher_rows(labels: np.ndarray, member_K: np.ndarray, bucket: int,
   """
   member = np.asarray(member_K)[np.asarray(labels)].reshape(num_shards, -1)
   step = bucket // num_shards
-  size = max(step, -(-int(member.sum(1).max()) // step) * step)
+  size = max(step, -(-int(member.sum(1).max()) // step) * step)   # one of teacher_sizes
   return np.concatenate([np.concatenate([np.flatnonzero(m), np.flatnonzero(~m)])[:size]
                          for m in member]).astype(np.int32)
+
+
+def teacher_sizes(bucket: int, num_shards: int, batch_size: int) -> list[int]:
+  """Every length `teacher_rows` can return: each shard's part is a multiple of
+  bucket / num_shards rows, up to the whole shard."""
+  step = bucket // num_shards
+  return [num_shards * n for n in range(step, batch_size // num_shards + 1, step)]
 
 
 def teacher_targets(params: PyTree, x_noisy: jax.Array, t: jax.Array, x_cls: jax.Array,

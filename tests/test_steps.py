@@ -102,6 +102,14 @@ def test_teacher_rows_cover_each_subset_in_a_few_sizes():
   assert steps.teacher_rows(labels, old, bucket=4, num_shards=2).tolist() == [0, 2, 3, 1,
                                                                              1, 0, 2, 3]
   assert steps.teacher_rows(labels, ~old, bucket=2, num_shards=2).tolist() == [1, 0, 2, 0, 2, 3]
+  # every length teacher_rows returns is one of teacher_sizes (the shapes compiled ahead)
+  rng = np.random.default_rng(0)
+  for shards in (1, 2):
+    sizes = steps.teacher_sizes(4, shards, 16)
+    assert sizes == [4, 8, 12, 16]
+    for _ in range(20):
+      lab = rng.integers(0, 4, 16)
+      assert len(steps.teacher_rows(lab, old, bucket=4, num_shards=shards)) in sizes
 
 
 def test_rows_outside_a_teachers_subset_are_zero(setup):
