@@ -59,6 +59,7 @@ class RunContext:
   generate_fn: Callable           # replay sampling + labelling (cl/replay.make_generate_fn)
   tx: Any
   background: Any = None          # Future of the later stages' background compiles (precompile)
+  local_compile: Any = None       # Future of the local step's background compile (precompile)
 
 
 def task_value(stage_cfg: ml_collections.ConfigDict, key: str, task: int) -> Any:
@@ -174,6 +175,7 @@ def local_stage(ctx: RunContext, task: int, prev: Optional[state_lib.Snapshot],
   idx = np.flatnonzero(np.isin(ctx.data.y_train, ctx.tasks[task]))
   items = {"prev_global": prev} if prev is not None else {}
   advance = _local_advance(ctx, task, ctx.data.x_train[idx], ctx.data.y_train[idx])
+  precompile.wait(ctx.local_compile)   # compiling it here too would do the work twice
   st, meta = _train_loop(ctx, st, "local", task, task_value(cfg, "steps", task), advance,
                          meta, items)
   return st.snapshot(), meta

@@ -174,6 +174,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return res
 
 
+def _start_compiles(ctx: stages.RunContext, meta: dict) -> dict:
+  """Background compiles (precompile), in the order the run will need the programs: the local
+  step first when the run starts (or resumes) in a local stage, then evaluation and the later
+  stages' programs; the local step last, or not at all when no local stage is left, when it
+  resumes in a replay or global stage."""
+  def later() -> list[precompile.Job]:
+    return precompile.eval_jobs(ctx) + methods.LATER_PROGRAMS[ctx.config.method](ctx)
+  local = functools.partial(precompile.local_jobs, ctx)
+  if meta["phase"] == "local":
+    local_f, later_f = precompile.start(local, later)
+  else:
+    more_tasks = meta["task"] + 1 < ctx.config.cl.num_tasks
+    later_f, local_f = precompile.start(later, local if more_tasks else list)
+  return {"local_compile": local_f, "background": later_f}
+
+
 def _run(ctx: stages.RunContext) -> dict:
   config, workdir = ctx.config, ctx.workdir
   restored = checkpointing.restore_latest(ctx.mngr, functools.partial(_abstract_item, ctx))
@@ -183,8 +199,7 @@ def _run(ctx: stages.RunContext) -> dict:
                  meta["step"])
   method = methods.METHODS[config.method]
   if meta["task"] < config.cl.num_tasks:
-    jobs = functools.partial(methods.LATER_PROGRAMS[config.method], ctx)
-    ctx = dataclasses.replace(ctx, background=precompile.start(jobs))
+    ctx = dataclasses.replace(ctx, **_start_compiles(ctx, meta))
   t_start, wall0 = time.time(), meta["wall_time_s"]
   for task in range(meta["task"], config.cl.num_tasks):
     glob, meta = method(ctx, task, meta, items)
