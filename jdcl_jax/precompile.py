@@ -3,12 +3,12 @@
 The local step is needed first: it compiles while the main thread initialises the model and
 the stage state, instead of after them (digits, 2-core CPU, cold cache: the 50th step came 33 s
 after start instead of 54 s; the first stage as a whole was not measurably shorter, its two
-cores being busy with the remaining compiles and the steps either way). The replay generator and the two
-global-stage programs are needed only after the first local stage; compiling them on first use
-stalled the run at task 2 (global step 10.5 s, teachers 3.9 s, generator 2.2 s), so they
-compile next, beside the first local stage. All are lowered from abstract arguments (shapes,
-dtypes and shardings; nothing is allocated); jit keeps the executables, so the first real call
-only traces and finds them.
+cores being busy with the remaining compiles and the steps either way). Evaluation, the replay
+generator and the two global-stage programs are needed only after the first local stage;
+compiling them on first use stalled the run at task 2 (global step 10.5 s, teachers 3.9 s,
+generator 2.2 s), so they compile next, beside the first local stage. All are lowered from
+abstract arguments (shapes, dtypes and shardings; nothing is allocated); jit keeps the
+executables, so the first real call only traces and finds them.
 
 The abstract arguments must equal what the stages pass, or the real call compiles again
 (tests/test_engine.py counts the traces of each program in a whole run). A failure here is
@@ -39,36 +39,42 @@ def _key() -> Any:
   return sharding.abstract(jax.eval_shape(lambda: jax.random.key(0)), None)
 
 
+def _params(ctx: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Model parameters replicated on `mesh`, as `sharding.to_mesh` places them."""
+  return sharding.abstract(unet.param_shapes(ctx.model.config), sharding.replicated(mesh))
+
+
+def _train_state(ctx: Any) -> Any:
+  """A stage's TrainState committed to the train mesh (stages._new_state, or a step's output)."""
+  return sharding.abstract(state_lib.abstract_state(unet.param_shapes(ctx.model.config), ctx.tx),
+                           sharding.replicated(ctx.mesh))
+
+
 def local_jobs(ctx: Any) -> list[Job]:
   """The local train step, as `stages.local_stage` calls it (state committed to the train
   mesh, the batch split over it, the stage key uncommitted)."""
-  mesh, bs, x = ctx.mesh, ctx.config.local.batch_size, ctx.data.x_train
-  data = sharding.data_sharded(mesh)
-  state = sharding.abstract(state_lib.abstract_state(unet.param_shapes(ctx.model.config),
-                                                     ctx.tx), sharding.replicated(mesh))
+  bs, x = ctx.config.local.batch_size, ctx.data.x_train
+  data = sharding.data_sharded(ctx.mesh)
   return [("local_step", ctx.local_step,
-           (state, jax.ShapeDtypeStruct((bs, *x.shape[1:]), x.dtype, sharding=data),
+           (_train_state(ctx), jax.ShapeDtypeStruct((bs, *x.shape[1:]), x.dtype, sharding=data),
             jax.ShapeDtypeStruct((bs,), np.int32, sharding=data), _key()))]
 
 
 def eval_jobs(ctx: Any) -> list[Job]:
   """The evaluation logits program, as `stages.predict` calls it (fixed padded batch)."""
-  mesh, x = ctx.sample_mesh, ctx.data.x_test
-  params = sharding.abstract(unet.param_shapes(ctx.model.config), sharding.replicated(mesh))
+  x = ctx.data.x_test
   batch = jax.ShapeDtypeStruct((ctx.config.eval.batch_size, *x.shape[1:]), x.dtype,
-                               sharding=sharding.data_sharded(mesh))
-  return [("eval_logits", ctx.eval_fn, (params, batch))]
+                               sharding=sharding.data_sharded(ctx.sample_mesh))
+  return [("eval_logits", ctx.eval_fn, (_params(ctx, ctx.sample_mesh), batch))]
 
 
 def global_jobs(ctx: Any) -> list[Job]:
   """(name, jitted fn, abstract args) of the inputs program, the teacher program at every
   subset size (steps.teacher_rows) and the student step, as `stages.global_stage` calls them."""
-  fns, mesh, cfg = ctx.global_fns, ctx.mesh, ctx.config
-  in_repl, in_data = (sharding.replicated(fns.inputs_mesh),
-                      sharding.data_sharded(fns.inputs_mesh))
-  repl = sharding.replicated(mesh)
-  shapes = unet.param_shapes(ctx.model.config)
-  params = sharding.abstract(shapes, in_repl)
+  fns, cfg = ctx.global_fns, ctx.config
+  in_data = sharding.data_sharded(fns.inputs_mesh)
+  repl = sharding.replicated(ctx.mesh)
+  params = _params(ctx, fns.inputs_mesh)
   bs, image = cfg.glob.batch_size, ctx.data.x_train.shape[1:]
   inputs_args = (jax.ShapeDtypeStruct((bs, *image), np.uint8, sharding=in_data),
                  jax.ShapeDtypeStruct((bs,), np.int32, sharding=in_data),
@@ -81,18 +87,16 @@ def global_jobs(ctx: Any) -> list[Job]:
       for n in steps.teacher_sizes(fns.bucket, fns.inputs_mesh.shape["data"], bs)]
   targets = jax.eval_shape(fns.teacher_fn, *teacher_jobs[-1][2])
   inputs = {**student, "targets": losses.KDTargets(*targets, *targets)}
-  state = sharding.abstract(state_lib.abstract_state(shapes, ctx.tx), repl)
   k = ctx.model.config.num_classes
   gates = (jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=repl),) * 2 + (
       jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),) * 2
   return [("global_inputs", fns.inputs_fn, inputs_args), *teacher_jobs,
-          ("global_step", fns.step_fn, (state, inputs, *gates))]
+          ("global_step", fns.step_fn, (_train_state(ctx), inputs, *gates))]
 
 
 def replay_jobs(ctx: Any) -> list[Job]:
   """The replay generator, as `stages.replay_stage` calls it."""
-  repl = sharding.replicated(ctx.sample_mesh)
-  params = sharding.abstract(unet.param_shapes(ctx.model.config), repl)
+  params = _params(ctx, ctx.sample_mesh)
   return [("generate", ctx.generate_fn, (params, params, _key()))]
 
 

@@ -6,25 +6,24 @@ import threading
 from absl import logging
 
 from configs import tiny
-from jdcl_jax import methods, precompile, train
+from jdcl_jax import precompile, train
 
 
-def test_jdcl_later_programs_compile_in_background(tmp_path):
+def test_jdcl_programs_compile_in_background_local_step_first(tmp_path):
   c = tiny.get_config()
   c.compilation_cache = False
   ctx = train._build_context(c, str(tmp_path))
   try:
-    first, later = precompile.start(
-        lambda: precompile.local_jobs(ctx),
-        lambda: precompile.eval_jobs(ctx) + methods.LATER_PROGRAMS["jdcl"](ctx))
-    names = later.result()
+    futures = train._start_compiles(ctx, {"task": 0, "phase": "local"})
+    first, names = futures["local_compile"].result(), futures["background"].result()
   finally:
     ctx.mngr.close()
     ctx.writer.close()
-  assert first.result() == ["local_step"]
+  assert first == ["local_step"]
   # tiny: glob.batch_size 16, 4 teacher buckets -> one teacher program per subset size
-  assert names == ["eval_logits", "generate", "global_inputs", "teacher_targets[4]", "teacher_targets[8]",
-                   "teacher_targets[12]", "teacher_targets[16]", "global_step"]
+  assert names == ["eval_logits", "generate", "global_inputs", "teacher_targets[4]",
+                   "teacher_targets[8]", "teacher_targets[12]", "teacher_targets[16]",
+                   "global_step"]
 
 
 def test_each_group_resolves_when_its_own_programs_are_done():
