@@ -1,4 +1,4 @@
-"""Conv micro-benchmark: impl="xla" vs impl="matmul", forward and forward+backward.
+"""Conv micro-benchmark: impl="xla" vs "matmul" vs "winograd", forward and forward+backward.
 
 Prints one JSON line. Timings are medians over `--repeats` rounds after a
 warm-up; within a round the two implementations run back to back in
@@ -31,14 +31,18 @@ CASES = [
     ("3x3_64-64_32px_b32", 32, 32, 64, 64, 3, 1, 1, "float32"),
     ("3x3_128-128_32px_b8", 8, 32, 128, 128, 3, 1, 1, "float32"),
     ("3x3_32-32_8px_b64", 64, 8, 32, 32, 3, 1, 1, "float32"),
+    ("3x3_64-64_8px_b64", 64, 8, 64, 64, 3, 1, 1, "float32"),
+    ("3x3_128-64_8px_b64", 64, 8, 128, 64, 3, 1, 1, "float32"),
+    ("3x3_64-64_4px_b64", 64, 4, 64, 64, 3, 1, 1, "float32"),
     ("3x3_256-256_8px_b8", 8, 8, 256, 256, 3, 1, 1, "float32"),
     ("3x3s2_64-64_32px_b32", 32, 32, 64, 64, 3, 2, 1, "float32"),
     ("3x3_3-128_32px_b8", 8, 32, 3, 128, 3, 1, 1, "float32"),
     ("1x1_128-256_16px_b32", 32, 16, 128, 256, 1, 1, 0, "float32"),
     ("3x3_64-64_32px_b32_bf16", 32, 32, 64, 64, 3, 1, 1, "bfloat16"),
 ]
-QUICK = {"3x3_64-64_32px_b32", "3x3_32-32_8px_b64", "3x3s2_64-64_32px_b32",
+QUICK = {"3x3_64-64_32px_b32", "3x3_32-32_8px_b64", "3x3_64-64_8px_b64", "3x3s2_64-64_32px_b32",
          "1x1_128-256_16px_b32"}
+IMPLS = ("xla", "matmul", "winograd")   # winograd falls back to xla where it does not apply
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -86,15 +90,15 @@ def bench_case(case: tuple, repeats: int) -> dict:
   ho = (hw + 2 * p - k) // s + 1
   g = jax.random.normal(kg, (b, ho, ho, cout), dtype)
   fns = {}
-  for impl in ("xla", "matmul"):
+  for impl in IMPLS:
     fwd, fwd_bwd = _programs(impl, s, p)
     fns[f"{impl}_fwd"] = lambda f=fwd: f(x, w)
     fns[f"{impl}_fwdbwd"] = lambda f=fwd_bwd: f(x, w, g)
   ms = interleaved_ms(fns, repeats)
   flops = 2 * b * ho * ho * cout * k * k * cin
-  return {"case": name, **ms,
-          "fwd_speedup": round(ms["xla_fwd"] / ms["matmul_fwd"], 2),
-          "fwdbwd_speedup": round(ms["xla_fwdbwd"] / ms["matmul_fwdbwd"], 2),
+  speedups = {f"{impl}_{kind}_speedup": round(ms[f"xla_{kind}"] / ms[f"{impl}_{kind}"], 2)
+              for impl in IMPLS[1:] for kind in ("fwd", "fwdbwd")}
+  return {"case": name, **ms, **speedups,
           "xla_fwdbwd_gflops": round(3 * flops / ms["xla_fwdbwd"] / 1e6, 1)}
 
 

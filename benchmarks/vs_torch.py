@@ -1,6 +1,7 @@
 """The issue-5 comparison in one command: PyTorch vs JAX on this machine, interleaved.
 
   python benchmarks/vs_torch.py --model=digits [--rounds=2] [--repeats=10] [--train-devices=1,2]
+      [--set field=value ...]   (passed to the JAX scripts, e.g. --set conv_impl=xla for an A/B)
 
 Each round runs, as separate processes and back to back: `torch_baseline.py` (train step and
 DDIM step), `train_step.py` once per train-device count, and `sampler.py`. Machines here
@@ -42,8 +43,10 @@ def run_json(script: str, args: list[str]) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def one_round(model: str, repeats: int, train_devices: list[int]) -> dict:
+def one_round(model: str, repeats: int, train_devices: list[int],
+              overrides: list[str] = ()) -> dict:
   jax_args, batch, ddim_batch, ddim_steps = MODELS[model]
+  jax_args = [*jax_args, *[a for o in overrides for a in ("--set", o)]]
   out = {"torch": run_json("torch_baseline.py", [f"--config={model}",
                                                   f"--repeats={repeats}"])}
   for n in train_devices:
@@ -85,12 +88,14 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--train-devices", default="1,2",
                   help="comma-separated mesh.data values to time the JAX train step with")
+  ap.add_argument("--set", action="append", default=[],
+                  help="JAX model/config override for train_step.py and sampler.py")
   a = ap.parse_args()
   devices = [int(n) for n in a.train_devices.split(",")]
-  rounds = [one_round(a.model, a.repeats, devices) for _ in range(a.rounds)]
+  rounds = [one_round(a.model, a.repeats, devices, a.set) for _ in range(a.rounds)]
   fields = ("sec_per_step", "sec_per_ddim_step")
   per_run = {k: [{f: r[k][f] for f in fields if f in r[k]} for r in rounds] for k in rounds[0]}
-  print(json.dumps({"benchmark": "vs_torch", "model": a.model, "rounds": a.rounds,
+  print(json.dumps({"benchmark": "vs_torch", "model": a.model, "rounds": a.rounds, "overrides": a.set,
                     "per_run": per_run, **summarize(rounds, devices), **host_cpu()}))
 
 

@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
       channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(2,),
       num_heads=4, num_head_channels=-1, dropout=0.1, classifier_hidden=256,
       num_classes=10,
-      conv_impl="auto",          # auto = shifted-matmul conv on CPU (XLA:CPU conv backward is slow), XLA elsewhere
+      conv_impl="auto",          # auto: 1x1 convs as matmuls on CPU, XLA elsewhere; winograd = F(2,3) 3x3 convs on CPU (faster on one AVX2 device)
       dtype="float32",           # compute dtype; "bfloat16" for accelerators (params stay f32)
   ))
 

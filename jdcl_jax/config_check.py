@@ -16,7 +16,7 @@ _CHOICES = {
     "replay.sampler": ("ddim", "ddpm"),
     "replay.fill": ("augment", "repeat"),
     "eval.report": ("ema", "raw"),
-    "model.conv_impl": ("auto", "xla", "matmul"),
+    "model.conv_impl": ("auto", "xla", "matmul", "winograd"),
     "model.dtype": ("float32", "bfloat16"),
 }
 _POSITIVE = ("cl.num_tasks", "local.steps", "local.batch_size", "glob.steps", "glob.batch_size",

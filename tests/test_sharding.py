@@ -67,12 +67,14 @@ for n in (1, 2, "spare"):   # "spare": train on device 0, teachers on device 1 (
     targets = steps.dispatch_targets(fns, teachers, tin, y, (np.asarray(old), np.asarray(new)))
     st, gm = fns.step_fn(st, {**student, "targets": targets}, *g)
   out[n] = (jax.device_get(m), jax.device_get(gm), jax.device_get(st.params))
-# conv_impl=matmul (custom-VJP convs) inside the data-parallel shard_map: its gradients must
-# keep the per-device (varying) type and equal XLA's convs on one device.
-mm_model = unet.JointUNet(unet.ModelConfig(**{**c.model.to_dict(), "conv_impl": "matmul"}))
-mm_loss = functools.partial(steps._local_loss, model=mm_model, sched=sched, cls_weight=0.5)
-grads_mm = jax.jit(lambda p, b: steps.data_parallel_grad(
-    mm_loss, p, b, jax.random.key(3), None, sharding.make_mesh(2))[1])(params, gbatch)
+# conv_impl=matmul / winograd (custom-VJP convs) inside the data-parallel shard_map: their
+# gradients must keep the per-device (varying) type and equal XLA's convs on one device.
+grads_custom = {}
+for impl in ("matmul", "winograd"):
+  cv_model = unet.JointUNet(unet.ModelConfig(**{**c.model.to_dict(), "conv_impl": impl}))
+  cv_loss = functools.partial(steps._local_loss, model=cv_model, sched=sched, cls_weight=0.5)
+  grads_custom[impl] = jax.jit(lambda p, b: steps.data_parallel_grad(
+      cv_loss, p, b, jax.random.key(3), None, sharding.make_mesh(2))[1])(params, gbatch)
 diff = max(float(np.max(np.abs(a - b))) for a, b in
            zip(jax.tree.leaves(out[1][2]), jax.tree.leaves(out[2][2])))
 print(json.dumps({
@@ -86,8 +88,9 @@ print(json.dumps({
     "max_param_diff": diff, "allreduce_sizes_2dev": ar[2], "allreduces_1dev": len(ar[1]),
     "max_grad_diff": max(float(np.max(np.abs(a - b))) for a, b in
                          zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2]))),
-    "max_grad_diff_matmul_conv": max(float(np.max(np.abs(a - b))) for a, b in
-                                     zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads_mm))),
+    "max_grad_diff_custom_conv": {impl: max(float(np.max(np.abs(a - b))) for a, b in
+                                            zip(jax.tree.leaves(grads[1]), jax.tree.leaves(g)))
+                                  for impl, g in grads_custom.items()},
     "max_grad": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(grads[1])),
     "num_params": unet.count_params(mcfg)}))
 """
@@ -111,7 +114,8 @@ def test_two_device_mesh_matches_one_device():
   assert res["spare_inputs_devices"] == [1] and res["spare_global_terms_diff"] < 1e-5, res
   assert res["max_param_diff"] < 1e-5, res
   assert res["max_grad"] > 1e-2 and res["max_grad_diff"] < 1e-6, res
-  assert res["max_grad_diff_matmul_conv"] < 1e-5, res
+  assert sorted(res["max_grad_diff_custom_conv"]) == ["matmul", "winograd"], res
+  assert max(res["max_grad_diff_custom_conv"].values()) < 1e-5, res
   assert res["allreduces_1dev"] == 0, res
   big = [n for n in res["allreduce_sizes_2dev"] if n > 1000]
   assert big == [res["num_params"]], res     # one all-reduce carries the whole gradient

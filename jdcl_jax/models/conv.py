@@ -14,6 +14,8 @@ computed:
   than im2col / shifted-matmul variants on CPU (benchmarks/conv_micro.py).
 * "auto": resolved per conv at trace time (`resolve_impl`): on CPU "matmul" for
   1x1 stride-1 convs and "xla" for the rest; "xla" on accelerators.
+* "winograd": as "auto", but on CPU 3x3 stride-1 padding-1 convs on even-sized
+  maps run as Winograd F(2, 3) (models/winograd.py), forward and both gradients.
 
 Padding is explicit and symmetric (PyTorch semantics).
 """
@@ -27,11 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jdcl_jax.models import winograd
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-IMPLS = ("auto", "xla", "matmul")
+IMPLS = ("auto", "xla", "matmul", "winograd")
 
 # Upper bound on the bytes of shifted input windows materialised at once by the
 # weight gradient. XLA:CPU gives each large temporary fresh (page-faulting)
@@ -53,14 +57,22 @@ def resolve_impl(impl: str, kernel_size: int = 3, stride: int = 1, padding: int 
   (643 vs 143 ms, 64->64, batch 32), yet whole train steps of the 8x8 and 16x16 models were
   7 % faster with XLA's convs: on such hosts consider `model.conv_impl=matmul` for 32x32
   models (CIFAR) and measure with benchmarks/train_step.py.
+
+  "winograd" (CPU only) = "auto" with 3x3 stride-1 padding-1 convs as Winograd F(2, 3)
+  (models/winograd.py; shapes it cannot tile stay on XLA). On a 2-core AVX2 host (Zen 3,
+  2026-12-08) it made one-device local steps 11-24 % faster (digits, 16x16 model) and
+  data-parallel ones on two devices no faster, so "auto" does not pick it.
   """
   if impl not in IMPLS:
-    raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul")
-  if impl == "auto":
+    raise ValueError(f"unknown conv_impl {impl!r}; expected auto|xla|matmul|winograd")
+  if impl in ("auto", "winograd"):
     if jax.default_backend() != "cpu":
       return "xla"
-    pointwise = kernel_size == 1 and stride == 1 and padding == 0
-    return "matmul" if pointwise else "xla"
+    if kernel_size == 1 and stride == 1 and padding == 0:
+      return "matmul"
+    if impl == "winograd" and (kernel_size, stride, padding) == (3, 1, 1):
+      return "winograd"
+    return "xla"
   return impl
 
 
@@ -196,7 +208,10 @@ def conv2d(x_NHWC: Array, w_HWIO: Array, *, stride: int = 1, padding: int = 0,
   x is NHWC, w is HWIO; the output has x's dtype. "matmul" accumulates
   low-precision inputs in float32.
   """
-  if resolve_impl(impl, w_HWIO.shape[0], stride, padding) == "matmul":
+  chosen = resolve_impl(impl, w_HWIO.shape[0], stride, padding)
+  if chosen == "winograd" and winograd.supported(x_NHWC.shape, w_HWIO.shape[0], stride, padding):
+    return winograd.conv3x3(x_NHWC, w_HWIO.astype(x_NHWC.dtype))
+  if chosen == "matmul":
     return _matmul_conv(x_NHWC, w_HWIO, stride, padding)
   return _xla_conv(x_NHWC, w_HWIO, stride, padding)
 

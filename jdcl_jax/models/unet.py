@@ -45,7 +45,7 @@ class ModelConfig:
   dropout: float = 0.1
   classifier_hidden: int = 1024
   num_classes: int = 10
-  conv_impl: str = "auto"                          # auto|xla|matmul
+  conv_impl: str = "auto"                          # auto|xla|matmul|winograd
   dtype: str = "float32"                           # compute dtype (params always float32)
 
 
