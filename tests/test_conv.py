@@ -82,10 +82,11 @@ def test_chunked_weight_grad(monkeypatch, batch):
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_matmul_grads_inside_shard_map(monkeypatch, chunked):
+def test_custom_vjp_grads_inside_shard_map(monkeypatch, chunked):
   """Data-parallel steps differentiate the convs inside shard_map, where values split over
-  the mesh axis are typed as varying (even on a 1-device mesh): the custom VJP's dx and the
-  chunked weight-gradient scan must keep that type (both once raised a type error)."""
+  the mesh axis are typed as varying (even on a 1-device mesh): the custom VJPs' dx (matmul,
+  winograd) and the chunked weight-gradient scan must keep that type (both once raised a type
+  error)."""
   x, w, _ = _inputs(4, 8, 3, 4, 3, 1, 1)
   if chunked:
     monkeypatch.setattr(conv, "_WINDOW_CHUNK_BYTES", 2 * 9 * 8 * 8 * 3 * 4)
@@ -100,9 +101,10 @@ def test_matmul_grads_inside_shard_map(monkeypatch, chunked):
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
 
   grads = {impl: jax.jit(jax.grad(loss(impl), argnums=(0, 1)))(w, x)
-           for impl in ("xla", "matmul")}
-  for a, b in zip(grads["matmul"], grads["xla"]):
-    np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * float(jnp.max(jnp.abs(b))))
+           for impl in ("xla", "matmul", "winograd")}
+  for impl in ("matmul", "winograd"):
+    for a, b in zip(grads[impl], grads["xla"]):
+      np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * float(jnp.max(jnp.abs(b))))
 
 
 def test_vmap_of_grad():

@@ -210,7 +210,7 @@ def conv2d(x_NHWC: Array, w_HWIO: Array, *, stride: int = 1, padding: int = 0,
   """
   chosen = resolve_impl(impl, w_HWIO.shape[0], stride, padding)
   if chosen == "winograd" and winograd.supported(x_NHWC.shape, w_HWIO.shape[0], stride, padding):
-    return winograd.conv3x3(x_NHWC, w_HWIO.astype(x_NHWC.dtype))
+    return winograd.conv3x3(x_NHWC, w_HWIO)
   if chosen == "matmul":
     return _matmul_conv(x_NHWC, w_HWIO, stride, padding)
   return _xla_conv(x_NHWC, w_HWIO, stride, padding)

@@ -38,8 +38,7 @@ _T = _BT.shape[0]      # input tile side = _M + 2
 def supported(x_shape: Sequence[int], kernel_size: int, stride: int, padding: int) -> bool:
   """Whether a conv of this shape can run as Winograd F(2, 3)."""
   h, w = x_shape[1], x_shape[2]
-  return _T == 2 * _M and (kernel_size == 3 and stride == 1 and padding == 1
-          and h % _M == 0 and w % _M == 0)
+  return (kernel_size, stride, padding) == (3, 1, 1) and h % _M == 0 and w % _M == 0
 
 
 # The 2-D transforms as single matrices over the flattened tile: K[(i, j), (a, b)] =
@@ -128,16 +127,15 @@ def _conv3x3_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, ...]]:
   v = input_transform(x)
   u = filter_transform(w.astype(x.dtype))
   y = output_transform(_tile_matmul(v, u, "knc,kco->kno"), x.shape[:3] + (w.shape[-1],))
-  # V (4x the input) is kept for dU rather than recomputed. The zero-size stand-ins carry x's
-  # shape and w's dtype to the backward at no cost.
-  return y, (v, u, jnp.zeros((0,) + x.shape[1:], x.dtype), jnp.zeros((0,), w.dtype))
+  # V (4x the input) is kept for dU rather than recomputed. The zero-size stand-in carries w's
+  # dtype to the backward at no cost.
+  return y, (v, u, jnp.zeros((0,), w.dtype))
 
 
 def _conv3x3_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
-  v, u, x_proto, w_proto = res
+  v, u, w_proto = res
   dm = output_transform_t(g.astype(v.dtype))
-  dx = input_transform_t(_tile_matmul(dm, u, "kno,kco->knc"),
-                         (g.shape[0],) + x_proto.shape[1:])
+  dx = input_transform_t(_tile_matmul(dm, u, "kno,kco->knc"), g.shape[:3] + v.shape[-1:])
   du = _tile_matmul(v, dm, "knc,kno->kco")
   return dx, filter_transform_t(du).astype(w_proto.dtype)
 
